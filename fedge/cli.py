@@ -1,0 +1,45 @@
+"""The `fedge` command: export, edge runtime, certificates and local deployments.
+
+Each command group registers itself from its own module; this file only
+assembles them, so installing just `fedge[edge]` still gives working edge commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+COMMAND_GROUPS = (
+    ("fedge.edge.export_command", "register_export"),
+    ("fedge.edge.commands", "register"),
+    ("fedge.deploy.commands", "register"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedge",
+        description="fedge: federated learning on Flower with SecAgg+, DP and edge export",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for module_name, function in COMMAND_GROUPS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:  # e.g. an edge-only install without torch
+            logging.getLogger(__name__).debug("skipping %s: %s", module_name, exc)
+            continue
+        getattr(module, function)(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""fedge ClientApp: routes each message to PyTorch training or the torch-free edge learner.
+
+This module imports no torch, so the same ClientApp runs on a Raspberry Pi
+SuperNode started with `--node-config "edge=true ..."`.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedge.client_app.protocol import EDGE_NODE_KEY
+from fedge.config import FedgeConfig
+
+app = ClientApp()
+
+
+def is_edge_node(context: Context, config: FedgeConfig) -> bool:
+    """Edge if the node says so, or (simulation) its partition is among the last `edge-clients`."""
+    if context.node_config.get(EDGE_NODE_KEY) is True:
+        return True
+    partition = context.node_config.get("partition-id")
+    total = context.node_config.get("num-partitions")
+    if isinstance(partition, int) and isinstance(total, int):
+        return partition >= total - config.edge_clients
+    return False
+
+
+def _backend(context: Context, config: FedgeConfig) -> ModuleType:
+    if is_edge_node(context, config):
+        from fedge.edge import client as edge_client
+
+        return edge_client
+    from fedge.client_app import torch_client
+
+    return torch_client
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = FedgeConfig.from_context(context)
+    return _backend(context, config).train(msg, context, config)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    config = FedgeConfig.from_context(context)
+    return _backend(context, config).evaluate(msg, context, config)

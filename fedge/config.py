@@ -1,0 +1,177 @@
+"""One typed, validated view of `context.run_config`, built once at start.
+
+Every key is kebab-case in pyproject.toml / `--run-config` and snake_case here.
+An unknown key, a wrong type or an out-of-range value raises `ConfigError`
+naming the key and what it accepts, before any training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+
+
+class ConfigError(ValueError):
+    """A run-config value fedge cannot use; the message names the key and the fix."""
+
+
+def _opt(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> Any:
+    """A config field with its validation rule and one-line documentation."""
+    rule = {
+        "help": help,
+        "choices": choices,
+        "low": low,
+        "high": high,
+        "low_open": low_open,
+        "high_open": high_open,
+    }
+    return field(default=default, metadata=rule)
+
+
+@dataclass(frozen=True)
+class FedgeConfig:
+    """All run-config keys with their defaults (mirrored in pyproject.toml)."""
+
+    # Federation
+    num_server_rounds: int = _opt(15, "federated rounds", low=1)
+    fraction_train: float = _opt(
+        1.0, "fraction of nodes sampled per round", low=0, high=1, low_open=True
+    )
+    fraction_evaluate: float = _opt(1.0, "fraction of nodes evaluating per round", low=0, high=1)
+    min_train_nodes: int = _opt(2, "fewest replies a round aggregates", low=1)
+    min_available_nodes: int = _opt(2, "nodes to wait for before round 1", low=1)
+    round_timeout: float = _opt(
+        600.0, "seconds to wait for replies per stage", low=0, low_open=True
+    )
+    # Client training
+    local_epochs: int = _opt(2, "local epochs per round", low=1)
+    batch_size: int = _opt(32, "local mini-batch size", low=1)
+    lr: float = _opt(0.05, "client learning rate", low=0, low_open=True)
+    optimizer: str = _opt("sgd", "client optimizer", choices=("sgd", "adam"))
+    momentum: float = _opt(0.9, "SGD momentum", low=0, high=1, high_open=True)
+    proximal_mu: float = _opt(0.0, "FedProx proximal term weight (0 = FedAvg)", low=0)
+    # Server aggregation
+    server_lr: float = _opt(
+        1.0, "server learning rate eta in w + eta * mean update", low=0, low_open=True
+    )
+    server_momentum: float = _opt(
+        0.0, "server momentum on the aggregated update", low=0, high=1, high_open=True
+    )
+    # Data and model
+    dataset: str = _opt("digits", "digits, breast-cancer, a folder path, or hf:<id>")
+    partitioner: str = _opt(
+        "dirichlet", "how the pool is split", choices=("iid", "dirichlet", "pathological")
+    )
+    dirichlet_alpha: float = _opt(
+        0.5, "Dirichlet concentration (smaller = more skew)", low=0, low_open=True
+    )
+    classes_per_client: int = _opt(2, "classes per client for the pathological split", low=1)
+    test_fraction: float = _opt(
+        0.2,
+        "held-out share when the source has one split",
+        low=0,
+        high=1,
+        low_open=True,
+        high_open=True,
+    )
+    val_fraction: float = _opt(
+        0.1, "share of each client's partition kept for validation", low=0, high=1, high_open=True
+    )
+    model: str = _opt("auto", "model architecture", choices=("auto", "cnn", "mlp"))
+    edge_clients: int = _opt(
+        0, "simulation: the last N partitions run the torch-free edge learner", low=0
+    )
+    seed: int = _opt(42, "seed for data splits, init and sampling", low=0)
+    # Outputs
+    output_dir: str = _opt("outputs", "results folder (relative: see resolve_path)")
+    run_name: str = _opt("", "subfolder of output-dir; empty = a timestamp")
+    resume: bool = _opt(False, "continue the run in output-dir/run-name from its checkpoint")
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> FedgeConfig:
+        """Validate a Flower run config; keys missing from it take their defaults."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in run_config.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                known = ", ".join(sorted(k.replace("_", "-") for k in fields))
+                raise ConfigError(f"unknown run-config key {key!r}; known keys: {known}")
+            values[name] = _check(key, raw, fields[name])
+        config = cls(**values)
+        config._check_consistency()
+        return config
+
+    @classmethod
+    def from_context(cls, context: Context) -> FedgeConfig:
+        return cls.from_run_config(dict(context.run_config))
+
+    def _check_consistency(self) -> None:
+        if self.min_available_nodes < self.min_train_nodes:
+            raise ConfigError(
+                f"min-available-nodes ({self.min_available_nodes}) must be at least "
+                f"min-train-nodes ({self.min_train_nodes})"
+            )
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Kebab-case dict, as in pyproject.toml (also what a checkpoint records)."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+
+def _check(key: str, raw: Any, spec: dataclasses.Field[Any]) -> Any:
+    rule = spec.metadata
+    expected = spec.type
+    if expected == "bool":
+        if not isinstance(raw, bool):
+            raise ConfigError(f"{key} must be true or false, got {raw!r}")
+        return raw
+    if expected == "int":
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ConfigError(f"{key} must be an integer, got {raw!r}")
+    elif expected == "float":
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {raw!r}")
+        raw = float(raw)
+    elif not isinstance(raw, str):
+        raise ConfigError(f"{key} must be a string, got {raw!r}")
+    if rule["choices"] is not None and raw not in rule["choices"]:
+        raise ConfigError(f"{key} must be one of {list(rule['choices'])}, got {raw!r}")
+    low, high = rule["low"], rule["high"]
+    too_low = low is not None and (raw <= low if rule["low_open"] else raw < low)
+    too_high = high is not None and (raw >= high if rule["high_open"] else raw > high)
+    if too_low or too_high:
+        left = "(" if rule["low_open"] else "["
+        right = ")" if rule["high_open"] else "]"
+        bounds = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+        raise ConfigError(f"{key} must be in {bounds}, got {raw!r}")
+    return raw
+
+
+def resolve_path(path: str) -> Path:
+    """Resolve a run-config path deliberately, not against whatever cwd a process has.
+
+    `flwr run` executes the ServerApp under a background SuperLink whose working
+    directory is wherever the *first* `flwr run` was started, so a bare relative
+    path would land in another project's folder. Relative paths therefore resolve
+    against `$FEDGE_WORKDIR` when set, else the process's working directory, and
+    callers log the absolute result.
+    """
+    candidate = Path(os.path.expandvars(path)).expanduser()
+    if candidate.is_absolute():
+        return candidate
+    base = Path(os.environ.get("FEDGE_WORKDIR", os.getcwd()))
+    return (base / candidate).resolve()

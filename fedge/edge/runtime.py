@@ -1,0 +1,237 @@
+"""Torch-free inference on exported ONNX models: load, validate inputs, predict, benchmark.
+
+Imports only numpy, onnxruntime and the stdlib (Pillow lazily, for image inputs), so it
+runs on devices where torch is not installed.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, shifted by the row max so large logits don't overflow."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+class EdgeModel:
+    """An ONNX model on onnxruntime's CPU provider that checks inputs before running them.
+
+    onnxruntime's own shape/dtype errors name internal tensors; checking here lets the
+    error say what the model expects and how to fix the input.
+    """
+
+    def __init__(self, path: Path | str, threads: int | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(
+                f"no ONNX model at {self.path}; create one with `fedge export CHECKPOINT --out DIR`"
+            )
+        options = ort.SessionOptions()
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            options.intra_op_num_threads = threads
+        self.threads = threads
+        try:
+            self.session = ort.InferenceSession(
+                str(self.path), options, providers=["CPUExecutionProvider"]
+            )
+        # onnxruntime raises its own pybind exception types for unreadable models.
+        except Exception as exc:
+            raise ValueError(f"{self.path} is not a loadable ONNX model: {exc}") from exc
+        model_input = self.session.get_inputs()[0]
+        if model_input.type != "tensor(float)":
+            raise ValueError(f"{self.path} takes {model_input.type}; fedge models take float32")
+        self.input_name: str = model_input.name
+        self.output_name: str = self.session.get_outputs()[0].name
+        # Dynamic dimensions come back as names (str) or None.
+        if not model_input.shape or not all(isinstance(d, int) for d in model_input.shape[1:]):
+            raise ValueError(
+                f"{self.path} has input shape {model_input.shape}; fedge needs a batch axis "
+                "followed by fixed dimensions (re-export it with `fedge export`)"
+            )
+        batch = model_input.shape[0]
+        self.batch_dim: int | None = batch if isinstance(batch, int) else None
+        self.sample_shape: tuple[int, ...] = tuple(model_input.shape[1:])
+
+    def _describe_input(self) -> str:
+        batch = "N" if self.batch_dim is None else str(self.batch_dim)
+        return f"({', '.join([batch, *map(str, self.sample_shape)])})"
+
+    def check_input(self, x: np.ndarray) -> np.ndarray:
+        """Return `x` as an array if it fits the model, else raise a ValueError saying how."""
+        x = np.asarray(x)
+        expected_ndim = len(self.sample_shape) + 1
+        shape_ok = (
+            x.ndim == expected_ndim
+            and x.shape[1:] == self.sample_shape
+            and (self.batch_dim is None or x.shape[0] == self.batch_dim)
+        )
+        if shape_ok and x.dtype == np.float32:
+            return x
+        fixes = []
+        if x.dtype != np.float32:
+            fixes.append("cast with x.astype(np.float32), scaled like the training data")
+        if not shape_ok:
+            if x.shape == self.sample_shape:
+                fixes.append("add a batch axis with x[None]")
+            else:
+                fixes.append("reshape it to the model's input shape (load_input resizes images)")
+        raise ValueError(
+            f"expected float32 input of shape {self._describe_input()}, "
+            f"got {x.shape} {x.dtype}: {'; '.join(fixes)}"
+        )
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Raw model output: logits for a classifier, feature vectors for a backbone."""
+        x = self.check_input(x)
+        return self.session.run([self.output_name], {self.input_name: x})[0]
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        return softmax(self.forward(x))
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Class ids, one per sample."""
+        return self.forward(x).argmax(axis=1)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(
+            f"could not read {path} as a NumPy .npy array ({exc}); write inputs with numpy.save"
+        ) from exc
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(
+            f"{path} holds {x.dtype} values; save float inputs preprocessed like the training "
+            "data (images scaled to [0, 1])"
+        )
+    return x.astype(np.float32, copy=False)
+
+
+def _load_image(path: Path, sample_shape: tuple[int, ...]) -> np.ndarray:
+    if len(sample_shape) != 3 or sample_shape[0] not in (1, 3):
+        raise ValueError(
+            f"the model takes inputs of shape {sample_shape}, not images (1 or 3, H, W); "
+            "pass a .npy file instead"
+        )
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImportError(
+            "reading images needs Pillow: pip install 'fedge[edge]' (or pillow), "
+            "or pass a .npy file"
+        ) from None
+    channels, height, width = sample_shape
+    try:
+        with Image.open(path) as image:
+            # BOX averages pixel blocks when shrinking, as the digits set was made.
+            image = image.convert("L" if channels == 1 else "RGB").resize(
+                (width, height), Image.Resampling.BOX
+            )
+    except OSError as exc:
+        raise ValueError(f"could not read image {path}: {exc}") from exc
+    pixels = np.asarray(image, dtype=np.float32) / 255.0
+    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+
+
+def load_input(path: Path | str, sample_shape: Sequence[int]) -> np.ndarray:
+    """Read a `.npy` array or an image into a float32 batch for a model's input shape.
+
+    Images are converted to grayscale/RGB, resized to (H, W) and scaled to [0, 1]; a
+    single sample (shape == `sample_shape`) gets a batch axis.
+    """
+    path = Path(path)
+    sample_shape = tuple(int(d) for d in sample_shape)
+    if not path.is_file():
+        raise FileNotFoundError(f"no input file at {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        x = _load_npy(path)
+    elif suffix in IMAGE_SUFFIXES:
+        x = _load_image(path, sample_shape)
+    else:
+        raise ValueError(
+            f"unsupported input file {path.name}: use .npy or an image "
+            f"({', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    return x[None] if x.shape == sample_shape else x
+
+
+def run_batched(
+    fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch_size: int = 256
+) -> np.ndarray:
+    """`fn` over `x` in slices, concatenated; bounds memory for large inputs on small devices."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if len(x) == 0:
+        raise ValueError("no inputs to run")
+    return np.concatenate([fn(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def measure_latency(
+    fn: Callable[[np.ndarray], object], x: np.ndarray, repeats: int = 50, warmup: int = 5
+) -> dict[str, float]:
+    """p50/p95 wall time of `fn(x)` in ms; shared by export and bench so numbers compare."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        fn(x)
+    times = np.empty(repeats)
+    for i in range(repeats):
+        start = time.perf_counter()
+        fn(x)
+        times[i] = time.perf_counter() - start
+    p50, p95 = np.percentile(times * 1000.0, [50, 95])
+    return {"p50": round(float(p50), 4), "p95": round(float(p95), 4)}
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process in MiB; None where the OS has no getrusage."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 2)
+
+
+def benchmark(
+    model: EdgeModel,
+    batch_sizes: Sequence[int] = (1, 32),
+    repeats: int = 50,
+    warmup: int = 5,
+    seed: int = 0,
+) -> dict[str, object]:
+    """Latency (p50/p95 ms), throughput (samples/s at p50) and peak RSS on random inputs."""
+    rng = np.random.default_rng(seed)
+    latency: dict[str, dict[str, float]] = {}
+    throughput: dict[str, float] = {}
+    for batch in batch_sizes:
+        if batch < 1:
+            raise ValueError(f"batch sizes must be >= 1, got {batch}")
+        x = rng.random((batch, *model.sample_shape), dtype=np.float32)
+        stats = measure_latency(model.forward, x, repeats, warmup)
+        latency[f"batch_{batch}"] = stats
+        throughput[f"batch_{batch}"] = round(batch / (stats["p50"] / 1000.0), 1)
+    return {
+        "model": str(model.path),
+        "threads": model.threads,
+        "repeats": repeats,
+        "latency_ms": latency,
+        "throughput_per_s": throughput,
+        "peak_rss_mb": peak_rss_mb(),
+    }

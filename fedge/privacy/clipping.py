@@ -1,0 +1,137 @@
+"""Bounding each client's contribution: global L2 clipping and adaptive clip norms.
+
+User-level DP needs every client's update to have L2 norm at most C so that
+adding or removing one client moves the sum by at most C (the sensitivity the
+Gaussian noise is calibrated to).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from fedge.privacy._common import Update, check_positive, float_arrays
+from fedge.privacy.noise import secure_rng
+
+# Scaling to exactly C and rounding back to float32 can land a hair above C, which
+# would break the sensitivity bound; aim this much below C instead (see clip_update).
+_MIN_MARGIN = 1e-6
+
+
+def global_norm(update: Update) -> float:
+    """L2 norm of all arrays flattened together, accumulated in float64."""
+    arrays = float_arrays(update)
+    return math.hypot(
+        *(float(np.linalg.norm(a.astype(np.float64).ravel())) for a in arrays.values())
+    )
+
+
+def _rounding_margin(arrays: Mapping[str, np.ndarray]) -> float:
+    """Relative shortfall that keeps the clipped norm <= C after rounding.
+
+    Elementwise rounding to dtype moves the norm by at most eps/2 relative; 4*eps
+    covers that, and the 1e-6 floor covers float64 error in computing the norm.
+    """
+    coarsest = max((np.finfo(a.dtype).eps for a in arrays.values()), default=0.0)
+    return max(_MIN_MARGIN, 4.0 * float(coarsest))
+
+
+def clip_update(update: Update, clip_norm: float) -> tuple[dict[str, np.ndarray], float]:
+    """Scale `update` so its global L2 norm is <= `clip_norm`.
+
+    Returns the clipped arrays (same names and dtypes; copies of the input when
+    it is already within the bound) and the norm before clipping, which adaptive
+    clipping needs. A clipped update's norm lies in [C * (1 - margin), C] with a
+    margin of 1e-6 for float32/float64. Non-finite updates raise ValueError: their
+    contribution cannot be bounded, so the caller must drop that client.
+    """
+    check_positive("clip_norm", clip_norm)
+    arrays = float_arrays(update)
+    norm = global_norm(arrays)
+    if not math.isfinite(norm):
+        raise ValueError("update contains non-finite values and cannot be clipped")
+    if norm <= clip_norm:
+        return {name: a.copy() for name, a in arrays.items()}, norm
+    scale = clip_norm / norm * (1.0 - _rounding_margin(arrays))
+    clipped = {name: (a.astype(np.float64) * scale).astype(a.dtype) for name, a in arrays.items()}
+    return clipped, norm
+
+
+@dataclass(frozen=True)
+class AdaptiveClipping:
+    """Clip norm that tracks a quantile of client update norms (Andrew et al. 2021).
+
+    Each round every participating client reports whether its update norm was
+    <= `clip_norm` (the same test `clip_update` uses). The server noises the
+    count with N(0, count_stddev^2) and moves C geometrically towards the
+    `target_quantile` of norms: C <- C * exp(-learning_rate * (b - target)), where
+    b is the noised fraction of unclipped clients. Immutable; `to_dict` is the
+    checkpoint state. The paper suggests count_stddev = expected_clients / 20.
+    """
+
+    clip_norm: float
+    count_stddev: float
+    target_quantile: float = 0.5
+    learning_rate: float = 0.2
+
+    def __post_init__(self) -> None:
+        check_positive("clip_norm", self.clip_norm)
+        if not self.count_stddev >= 0:
+            raise ValueError(f"count_stddev must be >= 0, got {self.count_stddev}")
+        if not 0 <= self.target_quantile <= 1:
+            raise ValueError(f"target_quantile must be in [0, 1], got {self.target_quantile}")
+        if not self.learning_rate >= 0:
+            raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
+
+    def update_noise_multiplier(self, noise_multiplier: float) -> float:
+        """Noise multiplier for the update sum so the round costs `noise_multiplier`.
+
+        The count query (centred bits, sensitivity 1/2) also spends privacy;
+        the pair is a Gaussian mechanism with z^-2 = z_update^-2 + (2 count_stddev)^-2,
+        so the accountant is told `noise_multiplier` while the sum uses the larger
+        z_update returned here. Needs count_stddev > noise_multiplier / 2.
+        """
+        count_multiplier = 2.0 * self.count_stddev
+        if not count_multiplier > noise_multiplier > 0:
+            raise ValueError(
+                f"need 0 < noise_multiplier < 2 * count_stddev, got {noise_multiplier} "
+                f"with count_stddev {self.count_stddev}"
+            )
+        return (noise_multiplier**-2 - count_multiplier**-2) ** -0.5
+
+    def update(
+        self,
+        unclipped_count: int,
+        num_reports: int,
+        *,
+        expected_clients: int,
+        rng: np.random.Generator | None = None,
+    ) -> AdaptiveClipping:
+        """The state for the next round, from this round's reports.
+
+        The count is centred (sum of b_i - 1/2, sensitivity 1/2 under adding or
+        removing a client) and normalised by the public `expected_clients`, not the
+        number of reports, which itself depends on who took part.
+        """
+        if not 0 <= unclipped_count <= num_reports:
+            raise ValueError(
+                f"unclipped_count must be in [0, {num_reports}], got {unclipped_count}"
+            )
+        if expected_clients < 1:
+            raise ValueError(f"expected_clients must be >= 1, got {expected_clients}")
+        rng = secure_rng() if rng is None else rng
+        centred = unclipped_count - num_reports / 2 + rng.normal(0.0, self.count_stddev)
+        fraction = min(1.0, max(0.0, centred / expected_clients + 0.5))
+        step = -self.learning_rate * (fraction - self.target_quantile)
+        return replace(self, clip_norm=self.clip_norm * math.exp(step))
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, Any]) -> AdaptiveClipping:
+        return cls(**{name: float(state[name]) for name in cls.__dataclass_fields__})

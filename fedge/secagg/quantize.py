@@ -1,0 +1,99 @@
+"""Stochastic fixed-point encoding of weighted updates into Z_{2^32}.
+
+A client with weight n_k <= W and update Δ (|Δ_i| <= R after clipping) encodes
+x = n_k·Δ as signed integer levels in [-A, A], A = floor((2^31 - 1) / N), with
+step s = W·R / A, stored mod 2^32. Any sum of at most N such vectors lies in
+[-(2^31 - 1), 2^31 - 1] and decodes exactly as int32, so no dropout pattern can
+overflow. Rounding is stochastic (unbiased), with uniforms from os.urandom, so
+each client's error is below one step and the decoded sum of m <= N clients is
+off by less than m·s per coordinate: `quantization_error_bound` is N·s.
+
+n_k itself travels exactly as one extra entry; N·W < 2^32 follows from the
+resolution rule below. A configuration is refused when a weight-1 update would
+get fewer than 2^MIN_RESOLUTION_BITS levels on each side of zero, i.e. when
+s > R / 2^MIN_RESOLUTION_BITS, which happens once N·W exceeds about 2^23.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+MIN_RESOLUTION_BITS = 8
+_MAX_SUM = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """Encoding shared by all clients of a round; construction refuses unsafe settings."""
+
+    clip_range: float
+    max_weight: int
+    num_clients: int
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.clip_range) and self.clip_range > 0):
+            raise ValueError(f"clip_range must be a positive finite float, got {self.clip_range}")
+        if self.max_weight < 1 or self.num_clients < 1:
+            raise ValueError("max_weight and num_clients must be at least 1")
+        if self.max_level < self.max_weight << MIN_RESOLUTION_BITS:
+            raise ValueError(
+                f"num_clients={self.num_clients} x max_weight={self.max_weight} is too "
+                "large for 32-bit secure aggregation: the sum could not be kept below "
+                f"2^31 with a step finer than clip_range/2^{MIN_RESOLUTION_BITS} for a "
+                f"weight-1 client (num_clients*max_weight must be at most "
+                f"{_MAX_SUM >> MIN_RESOLUTION_BITS}). Lower max_weight (cap or rescale "
+                "the example counts n_k) or aggregate fewer clients per round."
+            )
+
+    @property
+    def max_level(self) -> int:
+        """A: largest |level| one client may contribute."""
+        return _MAX_SUM // self.num_clients
+
+    @property
+    def step(self) -> float:
+        """s: value of one level of n_k·Δ."""
+        return self.max_weight * self.clip_range / self.max_level
+
+    @property
+    def error_bound(self) -> float:
+        """Per-coordinate bound on |decoded sum - Σ n_k·Δ_k| for up to N clients."""
+        return self.num_clients * self.step
+
+    def encode(self, update: NDArray[np.floating], weight: int) -> NDArray[np.uint32]:
+        """Levels of weight·clip(update) followed by the weight, as uint32 (len + 1).
+
+        Weights above max_weight are capped to it: the cap is what bounds the sum.
+        """
+        if update.ndim != 1 or not np.all(np.isfinite(update)):
+            raise ValueError("update must be a 1-D array of finite floats")
+        if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
+            raise ValueError(f"weight must be a non-negative int, got {weight!r}")
+        capped = min(weight, self.max_weight)
+        scaled = np.clip(update.astype(np.float64), -self.clip_range, self.clip_range)
+        scaled *= capped / self.step
+        floor = np.floor(scaled)
+        levels = floor + (_uniforms(scaled.size) < scaled - floor)
+        levels = np.clip(levels, -self.max_level, self.max_level).astype(np.int64)
+        return np.mod(np.append(levels, capped), 1 << 32).astype(np.uint32)
+
+    def decode(self, total: NDArray[np.uint32]) -> tuple[NDArray[np.float64], int]:
+        """Σ n_k·Δ_k and Σ n_k from the (unmasked) sum of encodings."""
+        weighted_sum = total[:-1].view(np.int32).astype(np.float64) * self.step
+        return weighted_sum, int(total[-1])
+
+
+def quantization_error_bound(num_clients: int, max_weight: int, clip_range: float) -> float:
+    """Worst-case per-coordinate error of the decoded Σ n_k·Δ_k (inputs within range)."""
+    return Quantizer(clip_range, max_weight, num_clients).error_bound
+
+
+def _uniforms(size: int) -> NDArray[np.float64]:
+    """Uniforms on [0, 1) with 53 random bits each, drawn from the OS CSPRNG."""
+    raw = np.frombuffer(os.urandom(8 * size), dtype="<u8")
+    return (raw >> np.uint64(11)).astype(np.float64) * 2.0**-53

@@ -1,0 +1,366 @@
+"""Server side of SecAgg+: a stage-by-stage state machine over untrusted replies.
+
+Each `receive_*` method takes the replies of one stage (clients that did not
+answer are simply absent), drops every client whose reply is missing or
+malformed (recording why in `dropped`), and returns the payload for each
+remaining client. It raises SecAggAbort, and never yields a result, once
+fewer than `threshold` clients remain or a needed secret cannot be rebuilt
+from at least `threshold` verified shares.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import NoReturn, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fedge.secagg.crypto import (
+    DIGEST_BYTES,
+    KEY_BYTES,
+    expand_mask,
+    pairwise_mask,
+    public_key,
+    seed_commitment,
+    validate_public_key,
+)
+from fedge.secagg.errors import ProtocolError, SecAggAbort
+from fedge.secagg.messages import (
+    CIPHERTEXT_BYTES,
+    STAGE_KEY,
+    Payload,
+    Stage,
+    expect_stage,
+    read_bytes,
+    read_bytes_list,
+    read_ids,
+    read_uint32_array,
+)
+from fedge.secagg.params import SecAggParams
+from fedge.secagg.shamir import SHARE_BYTES, combine, share_is_valid
+
+T = TypeVar("T")
+Replies = Mapping[int, Mapping[str, object]]
+_STEPS = (
+    "setup_payloads",
+    "receive_public_keys",
+    "receive_encrypted_shares",
+    "receive_masked_inputs",
+    "receive_unmask_shares",
+)
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    """Outcome of a completed round; no individual update is ever part of it."""
+
+    weighted_sum: NDArray[np.float64]  # Σ n_k·Δ_k over `included`, dequantized
+    total_weight: int  # Σ n_k over `included` (after capping at max_weight)
+    included: tuple[int, ...]
+    dropped: dict[int, str]  # participants left out of the sum, with the reason
+    unmask_faults: dict[int, str]  # included clients whose unmask reply was unusable
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.included)
+
+
+class SecAggServer:
+    """Drives one round; call the methods in order, once each."""
+
+    def __init__(
+        self,
+        participants: Sequence[int],
+        num_shares: int,
+        threshold: int,
+        vector_length: int,
+        clip_range: float,
+        max_weight: int,
+        round_seed: bytes,
+    ) -> None:
+        if len(set(participants)) != len(participants):
+            raise ValueError("participants contains duplicate ids")
+        self.params = SecAggParams(
+            tuple(sorted(participants)),
+            num_shares,
+            threshold,
+            vector_length,
+            clip_range,
+            max_weight,
+            round_seed,
+        )
+        self._step = 0
+        self._abort_reason: str | None = None
+        self._active = set(self.params.participants)
+        self._dropped: dict[int, str] = {}
+        self._pk_mask: dict[int, bytes] = {}
+        self._pk_enc: dict[int, bytes] = {}
+        self._commitments: dict[int, bytes] = {}
+        self._announced: dict[int, tuple[int, ...]] = {}  # live neighbours sent at SHARE_KEYS
+        self._ciphertexts: dict[tuple[int, int], bytes] = {}  # (sender, receiver)
+        self._senders: dict[int, tuple[int, ...]] = {}  # ciphertexts routed to each node
+        self._partners: dict[int, frozenset[int]] = {}  # peers each survivor masked with
+        self._masked: dict[int, NDArray[np.uint32]] = {}
+        self._requests: dict[int, tuple[list[int], list[int]]] = {}  # (survivors, dropped)
+        self._needed_keys: list[int] = []  # dropped nodes whose pairwise masks remain
+
+    @property
+    def dropped(self) -> dict[int, str]:
+        """Participants excluded so far, with the reason."""
+        return dict(self._dropped)
+
+    @property
+    def active(self) -> tuple[int, ...]:
+        return tuple(sorted(self._active))
+
+    def setup_payloads(self) -> dict[int, Payload]:
+        """Round parameters for every participant (Stage.SETUP)."""
+        self._begin("setup_payloads")
+        base = self.params.to_payload()
+        return {
+            node: {**base, STAGE_KEY: Stage.SETUP.value, "node_id": node}
+            for node in self.params.participants
+        }
+
+    def receive_public_keys(self, replies: Replies) -> dict[int, Payload]:
+        """Store keys and commitments; send each client its live neighbours' keys."""
+        self._begin("receive_public_keys")
+        for node, (enc, mask, commitment) in self._collect(replies, Stage.SETUP, self._parse_keys):
+            self._pk_enc[node], self._pk_mask[node] = enc, mask
+            self._commitments[node] = commitment
+        self._prune(Stage.SETUP)
+        payloads: dict[int, Payload] = {}
+        for node in self.active:
+            peers = self._live_neighbours(node)
+            self._announced[node] = peers
+            payloads[node] = {
+                STAGE_KEY: Stage.SHARE_KEYS.value,
+                "neighbours": list(peers),
+                "pk_enc": [self._pk_enc[peer] for peer in peers],
+                "pk_mask": [self._pk_mask[peer] for peer in peers],
+            }
+        return payloads
+
+    def receive_encrypted_shares(self, replies: Replies) -> dict[int, Payload]:
+        """Route each ciphertext to its receiver; that fixes everyone's mask partners."""
+        self._begin("receive_encrypted_shares")
+        for sender, by_receiver in self._collect(replies, Stage.SHARE_KEYS, self._parse_shares):
+            for receiver, ciphertext in by_receiver.items():
+                self._ciphertexts[sender, receiver] = ciphertext
+        self._prune(Stage.SHARE_KEYS)
+        payloads: dict[int, Payload] = {}
+        for node in self.active:
+            senders = tuple(peer for peer in self._live_neighbours(node) if peer != node)
+            self._senders[node] = senders
+            payloads[node] = {
+                STAGE_KEY: Stage.MASKED_INPUT.value,
+                "senders": list(senders),
+                "ciphertexts": [self._ciphertexts[sender, node] for sender in senders],
+            }
+        return payloads
+
+    def receive_masked_inputs(self, replies: Replies) -> dict[int, Payload]:
+        """Keep the uploads, drop senders of unauthentic shares, ask for unmask shares."""
+        self._begin("receive_masked_inputs")
+        collected = self._collect(replies, Stage.MASKED_INPUT, self._parse_masked)
+        self._masked = {node: vector for node, (vector, _) in collected}
+        for reporter, (_, rejected) in collected:
+            self._partners[reporter] = frozenset(self._senders[reporter]) - rejected
+            for sender in rejected:
+                self._drop(
+                    sender,
+                    f"{Stage.MASKED_INPUT.value}: shares for node {reporter} failed authentication",
+                )
+        self._require_quorum(Stage.MASKED_INPUT)
+        survivors = self.active
+
+        def holds(holder: int, owner: int) -> bool:
+            """Partners hold each other's shares (and masked with each other)."""
+            return holder == owner or owner in self._partners[holder]
+
+        self._needed_keys = sorted(
+            {peer for node in survivors for peer in self._partners[node]} - self._active
+        )
+        for owners, what in ((survivors, "self-mask seed"), (self._needed_keys, "mask key")):
+            for owner in owners:
+                holders = sum(holds(holder, owner) for holder in survivors)
+                if holders < self.params.threshold:
+                    self._abort(
+                        f"only {holders} surviving holders of node {owner}'s {what} shares, "
+                        f"threshold {self.params.threshold}"
+                    )
+        payloads: dict[int, Payload] = {}
+        for holder in survivors:
+            request = (
+                [owner for owner in survivors if holds(holder, owner)],
+                [owner for owner in self._needed_keys if holds(holder, owner)],
+            )
+            self._requests[holder] = request
+            payloads[holder] = {
+                STAGE_KEY: Stage.UNMASK.value,
+                "survivors": request[0],
+                "dropped": request[1],
+            }
+        return payloads
+
+    def receive_unmask_shares(self, replies: Replies) -> AggregateResult:
+        """Rebuild and verify the needed secrets, strip every mask and decode the sum."""
+        self._begin("receive_unmask_shares")
+        faults: dict[int, str] = {}
+        collected = self._collect(replies, Stage.UNMASK, self._parse_unmask, faults)
+        if len(collected) < self.params.threshold:
+            self._abort(f"only {len(collected)} unmask replies, threshold {self.params.threshold}")
+        seed_points: dict[int, dict[int, bytes]] = {node: {} for node in self._active}
+        key_points: dict[int, dict[int, bytes]] = {node: {} for node in self._needed_keys}
+        for holder, (seed_shares, key_shares) in collected:
+            x = self.params.x_coordinate(holder)
+            survivors, dropped = self._requests[holder]
+            for owner, share in zip(survivors, seed_shares, strict=True):
+                seed_points[owner][x] = share
+            for owner, share in zip(dropped, key_shares, strict=True):
+                key_points[owner][x] = share
+        rs, length = self.params.round_seed, self.params.vector_length + 1
+        total = np.zeros(length, dtype=np.uint32)
+        for node in self.active:
+            commit = partial(seed_commitment, node=node, round_seed=rs)
+            seed = self._recover(
+                seed_points[node], node, "self-mask seed", commit, self._commitments[node]
+            )
+            total += self._masked[node] - expand_mask(seed, length)
+        for dropped_node in self._needed_keys:
+            key = self._recover(
+                key_points[dropped_node],
+                dropped_node,
+                "mask key",
+                public_key,
+                self._pk_mask[dropped_node],
+            )
+            for node in self.active:
+                if dropped_node in self._partners[node]:
+                    total -= pairwise_mask(key, self._pk_mask[node], node, dropped_node, rs, length)
+        weighted_sum, total_weight = self.params.quantizer.decode(total)
+        return AggregateResult(weighted_sum, total_weight, self.active, self.dropped, faults)
+
+    def _parse_keys(self, node: int, reply: Mapping[str, object]) -> tuple[bytes, bytes, bytes]:
+        expect_stage(reply, Stage.SETUP)
+        enc = read_bytes(reply, "pk_enc", KEY_BYTES)
+        mask = read_bytes(reply, "pk_mask", KEY_BYTES)
+        validate_public_key(enc)
+        validate_public_key(mask)
+        return enc, mask, read_bytes(reply, "seed_commitment", DIGEST_BYTES)
+
+    def _parse_shares(self, node: int, reply: Mapping[str, object]) -> dict[int, bytes]:
+        expect_stage(reply, Stage.SHARE_KEYS)
+        receivers = read_ids(reply, "receivers")
+        ciphertexts = read_bytes_list(reply, "ciphertexts", len(receivers), CIPHERTEXT_BYTES)
+        expected = set(self._announced[node]) - {node}
+        if set(receivers) != expected:
+            raise ProtocolError(
+                f"shares addressed to {sorted(receivers)}, not to {sorted(expected)}"
+            )
+        return dict(zip(receivers, ciphertexts, strict=True))
+
+    def _parse_masked(
+        self, node: int, reply: Mapping[str, object]
+    ) -> tuple[NDArray[np.uint32], frozenset[int]]:
+        expect_stage(reply, Stage.MASKED_INPUT)
+        vector = read_uint32_array(reply, "masked", self.params.vector_length + 1)
+        rejected = frozenset(read_ids(reply, "rejected"))
+        if not rejected <= set(self._senders[node]):
+            raise ProtocolError(f"rejected {sorted(rejected)} includes nodes that sent it nothing")
+        return vector, rejected
+
+    def _parse_unmask(
+        self, node: int, reply: Mapping[str, object]
+    ) -> tuple[list[bytes], list[bytes]]:
+        expect_stage(reply, Stage.UNMASK)
+        survivors, dropped = self._requests[node]
+        seed_shares = read_bytes_list(reply, "seed_shares", len(survivors), SHARE_BYTES)
+        key_shares = read_bytes_list(reply, "key_shares", len(dropped), SHARE_BYTES)
+        if not all(map(share_is_valid, seed_shares + key_shares)):
+            raise ProtocolError("a share lies outside the field")
+        return seed_shares, key_shares
+
+    def _collect(
+        self,
+        replies: Replies,
+        stage: Stage,
+        parse: Callable[[int, Mapping[str, object]], T],
+        faults: dict[int, str] | None = None,
+    ) -> list[tuple[int, T]]:
+        """Parse the active clients' replies; failures go to `faults`, else are dropped."""
+        parsed: list[tuple[int, T]] = []
+        for node in self.active:
+            try:
+                if node not in replies:
+                    raise ProtocolError("no reply")
+                parsed.append((node, parse(node, replies[node])))
+            except ProtocolError as exc:
+                if faults is None:
+                    self._drop(node, f"{stage.value}: {exc}")
+                else:
+                    faults[node] = f"{stage.value}: {exc}"
+        return parsed
+
+    def _recover(
+        self,
+        points: dict[int, bytes],
+        node: int,
+        what: str,
+        derive: Callable[[bytes], bytes],
+        expected: bytes,
+    ) -> bytes:
+        """Combine `threshold` shares and check the result against its public image."""
+        t = self.params.threshold
+        if len(points) < t:
+            self._abort(f"only {len(points)} shares of node {node}'s {what}, threshold {t}")
+        try:
+            secret = combine({x: points[x] for x in sorted(points)[:t]}, KEY_BYTES)
+        except ValueError:
+            secret = b""
+        if not secret or derive(secret) != expected:
+            self._abort(
+                f"node {node}'s {what} does not match its commitment: a holder sent a wrong share"
+            )
+        return secret
+
+    def _live_neighbours(self, node: int) -> tuple[int, ...]:
+        return tuple(peer for peer in self.params.neighbours(node) if peer in self._active)
+
+    def _prune(self, stage: Stage) -> None:
+        """Drop clients whose live neighbourhood fell below t, until none does.
+
+        Their secrets could not reach t holders, so they could not be unmasked.
+        """
+        t = self.params.threshold
+        while weak := [n for n in self.active if len(self._live_neighbours(n)) < t]:
+            for node in weak:
+                self._drop(node, f"{stage.value}: fewer than {t} live neighbours")
+        self._require_quorum(stage)
+
+    def _require_quorum(self, stage: Stage) -> None:
+        if len(self._active) < self.params.threshold:
+            self._abort(
+                f"only {len(self._active)} clients left after {stage.value}, "
+                f"threshold {self.params.threshold}"
+            )
+
+    def _drop(self, node: int, reason: str) -> None:
+        if node in self._active:
+            self._active.remove(node)
+            self._dropped[node] = reason
+
+    def _abort(self, reason: str) -> NoReturn:
+        self._abort_reason = reason
+        raise SecAggAbort(reason)
+
+    def _begin(self, step: str) -> None:
+        if self._abort_reason is not None:
+            raise SecAggAbort(f"round already aborted: {self._abort_reason}")
+        expected = _STEPS[self._step] if self._step < len(_STEPS) else "nothing (round over)"
+        if step != expected:
+            raise RuntimeError(f"{step} called out of order; expected {expected}")
+        self._step += 1

@@ -1,0 +1,82 @@
+"""fedge ServerApp: config → data → strategy → Flower's round loop → outputs."""
+
+from __future__ import annotations
+
+import random
+from logging import INFO, WARNING
+
+import numpy as np
+import torch
+from flwr.app import Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedge.config import FedgeConfig
+from fedge.models import build_model, save_model, state_to_numpy
+from fedge.records import to_array_record
+from fedge.server_app.plotting import plot_metrics
+from fedge.server_app.recorder import RoundRecorder
+from fedge.server_app.run_folder import RunFolder, restore_rng_state
+from fedge.server_app.strategy import FedgeAvg
+from fedge.task import dataset_for, model_spec_for
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = FedgeConfig.from_context(context)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    folder = RunFolder.for_config(config)
+    bundle = dataset_for(config)
+    spec = model_spec_for(config, bundle)
+
+    strategy = FedgeAvg(
+        server_lr=config.server_lr,
+        server_momentum=config.server_momentum,
+        fraction_train=config.fraction_train,
+        fraction_evaluate=config.fraction_evaluate,
+        min_train_nodes=config.min_train_nodes,
+        min_evaluate_nodes=config.min_train_nodes,
+        min_available_nodes=config.min_available_nodes,
+    )
+    if config.resume:
+        checkpoint = folder.load_checkpoint()
+        arrays = checkpoint.arrays
+        strategy.rounds_done = checkpoint.round
+        strategy.velocity = checkpoint.strategy_arrays.get("velocity")
+        restore_rng_state(checkpoint.state["rng"])
+        folder.keep_metrics_through(checkpoint.round)
+        changed = sorted(
+            k
+            for k, v in config.to_run_config().items()
+            if checkpoint.state["run_config"].get(k) != v
+            and k not in ("resume", "num-server-rounds")
+        )
+        if changed:
+            log(WARNING, "Resuming with a changed config: %s", ", ".join(changed))
+        log(INFO, "fedge: resuming %s after round %s", folder.path, checkpoint.round)
+    else:
+        arrays = state_to_numpy(build_model(spec))
+
+    recorder = RoundRecorder(
+        folder, strategy, spec, bundle, config.num_server_rounds, config.to_run_config()
+    )
+    remaining = config.num_server_rounds - strategy.rounds_done
+    if remaining > 0:
+        strategy.start(
+            grid=grid,
+            initial_arrays=to_array_record(arrays),
+            num_rounds=remaining,
+            timeout=config.round_timeout,
+            evaluate_fn=recorder,
+        )
+        arrays = recorder.last_arrays
+    else:
+        log(INFO, "fedge: all %s rounds already done", config.num_server_rounds)
+
+    save_model(folder.path / "final_model.pt", spec, arrays)
+    plot_metrics(folder.read_metrics(), folder.path / "metrics.png")
+    log(INFO, "fedge: wrote final_model.pt, metrics.jsonl and metrics.png to %s", folder.path)

@@ -1,0 +1,94 @@
+"""Per-round bookkeeping, run as Flower's `evaluate_fn` after every round.
+
+Centralized evaluation on the held-out split, then a checkpoint, then one
+metrics.jsonl row and a progress line — in that order, so a crash between
+them never leaves metrics for a round the checkpoint does not hold.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from typing import Any
+
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.common.logger import log
+
+from fedge.data import DatasetBundle
+from fedge.models import ModelSpec, build_model, load_numpy_state
+from fedge.models.training import evaluate
+from fedge.records import NamedArrays, from_array_record
+from fedge.server_app.run_folder import Checkpoint, RunFolder, rng_state
+from fedge.server_app.strategy import FedgeAvg
+
+
+class RoundRecorder:
+    def __init__(
+        self,
+        folder: RunFolder,
+        strategy: FedgeAvg,
+        spec: ModelSpec,
+        bundle: DatasetBundle,
+        total_rounds: int,
+        run_config: dict[str, Any],
+    ) -> None:
+        self.folder = folder
+        self.strategy = strategy
+        self.bundle = bundle
+        self.total_rounds = total_rounds
+        self.run_config = run_config
+        self.model = build_model(spec)
+        self.last_arrays: NamedArrays = {}
+        self._last_time = time.perf_counter()
+
+    def test_metrics(self, arrays: NamedArrays) -> tuple[float, float]:
+        load_numpy_state(self.model, arrays)
+        return evaluate(self.model, self.bundle.x_test, self.bundle.y_test)
+
+    def __call__(self, server_round: int, record: ArrayRecord) -> MetricRecord:
+        arrays = from_array_record(record)
+        self.last_arrays = arrays
+        loss, accuracy = self.test_metrics(arrays)
+        absolute = self.strategy.absolute_round(server_round)
+        if server_round == 0:
+            log(INFO, "fedge: round %s model, held-out accuracy %.4f", absolute, accuracy)
+            self._last_time = time.perf_counter()
+            return MetricRecord({"test-loss": loss, "test-accuracy": accuracy})
+        now = time.perf_counter()
+        report = self.strategy.report
+        row: dict[str, Any] = {
+            "round": absolute,
+            "test_accuracy": accuracy,
+            "test_loss": loss,
+            "train_loss": report.train_loss,
+            "num_replies": report.num_replies,
+            "num_rejected": report.num_rejected,
+            "aggregated": report.aggregated,
+            "seconds": round(now - self._last_time, 4),
+        }
+        row.update({key.replace("-", "_"): value for key, value in report.val_metrics.items()})
+        self._last_time = now
+        self.folder.save_checkpoint(
+            Checkpoint(absolute, arrays, self.strategy_arrays(), self.checkpoint_state())
+        )
+        self.folder.append_metrics(row)
+        log(
+            INFO,
+            "fedge: round %s/%s  test_accuracy=%.4f  test_loss=%.4f  train_loss=%s  "
+            "replies=%s  rejected=%s  (%.1f s)",
+            absolute,
+            self.total_rounds,
+            accuracy,
+            loss,
+            "n/a" if report.train_loss is None else f"{report.train_loss:.4f}",
+            report.num_replies,
+            report.num_rejected,
+            row["seconds"],
+        )
+        return MetricRecord({"test-loss": loss, "test-accuracy": accuracy})
+
+    def strategy_arrays(self) -> dict[str, NamedArrays]:
+        return {"velocity": self.strategy.velocity} if self.strategy.velocity else {}
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"rng": rng_state(), "run_config": self.run_config}

@@ -1,0 +1,135 @@
+"""fedge's FedAvg: validated replies, update-based aggregation, server lr and momentum.
+
+It extends Flower's `FedAvg` at its seams only (configure/aggregate methods);
+Flower's own round loop (`Strategy.start`) drives it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.exception import InconsistentMessageReplies
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from fedge.client_app.protocol import REPLY_KEY
+from fedge.records import NamedArrays, from_array_record, to_array_record
+from fedge.server_app.aggregation import apply_update, weighted_mean
+from fedge.server_app.validation import WEIGHT_KEY, rejection_reason
+
+
+@dataclass
+class RoundReport:
+    """What happened to the replies of one training round (for metrics.jsonl)."""
+
+    num_replies: int = 0
+    num_rejected: int = 0
+    rejected: dict[int, str] = field(default_factory=dict)
+    train_loss: float | None = None
+    aggregated: bool = False
+    val_metrics: dict[str, float] = field(default_factory=dict)
+
+
+class FedgeAvg(FedAvg):
+    """FedAvg on client *updates*: w ← w + η·Σ(n_k/n)·Δw_k, with optional server momentum.
+
+    `rounds_done` offsets Flower's 1-based round counter so a resumed run keeps
+    counting where the interrupted one stopped.
+    """
+
+    def __init__(
+        self,
+        *,
+        server_lr: float = 1.0,
+        server_momentum: float = 0.0,
+        rounds_done: int = 0,
+        **fedavg_kwargs: object,
+    ) -> None:
+        super().__init__(weighted_by_key=WEIGHT_KEY, **fedavg_kwargs)  # type: ignore[arg-type]
+        self.server_lr = server_lr
+        self.server_momentum = server_momentum
+        self.rounds_done = rounds_done
+        self.velocity: NamedArrays | None = None
+        self.current_arrays: NamedArrays = {}
+        self.report = RoundReport()
+
+    def absolute_round(self, server_round: int) -> int:
+        return self.rounds_done + server_round
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.current_arrays = from_array_record(arrays)
+        self.report = RoundReport()
+        config[REPLY_KEY] = "update"
+        return super().configure_train(self.absolute_round(server_round), arrays, config, grid)
+
+    def accepted_replies(self, replies: Iterable[Message]) -> list[Message]:
+        """Replies that pass validation; the others are logged with their reason."""
+        accepted = []
+        for reply in replies:
+            reason = rejection_reason(reply, self.current_arrays)
+            if reason is None:
+                accepted.append(reply)
+                continue
+            node = reply.metadata.src_node_id
+            self.report.rejected[node] = reason
+            log(WARNING, "Dropped reply from node %s: %s", node, reason)
+        self.report.num_replies = len(accepted)
+        self.report.num_rejected = len(self.report.rejected)
+        return accepted
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted = self.accepted_replies(replies)
+        if len(accepted) < max(self.min_train_nodes, 1):
+            log(
+                WARNING,
+                "Round %s: %s valid replies, fewer than min-train-nodes=%s; "
+                "the global model stays unchanged",
+                self.absolute_round(server_round),
+                len(accepted),
+                self.min_train_nodes,
+            )
+            return None, None
+        contents = [reply.content for reply in accepted]
+        updates = [from_array_record(c.array_records["arrays"]) for c in contents]
+        weights = [float(c.metric_records["metrics"][WEIGHT_KEY]) for c in contents]
+        new_arrays, self.velocity = apply_update(
+            self.current_arrays,
+            weighted_mean(updates, weights),
+            self.server_lr,
+            self.server_momentum,
+            self.velocity,
+        )
+        metrics = aggregate_metricrecords(contents, WEIGHT_KEY)
+        loss = metrics.get("train-loss")
+        self.report.train_loss = float(loss) if isinstance(loss, (int, float)) else None
+        self.report.aggregated = True
+        log(INFO, "Aggregated %s updates (%s rejected)", len(accepted), self.report.num_rejected)
+        return to_array_record(new_arrays), metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return super().configure_evaluate(self.absolute_round(server_round), arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        try:
+            metrics = super().aggregate_evaluate(server_round, replies)
+        except (InconsistentMessageReplies, ZeroDivisionError) as exc:
+            log(WARNING, "Skipped federated evaluation metrics: %s", exc)
+            return None
+        if metrics is not None:
+            self.report.val_metrics = {
+                k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))
+            }
+        return metrics

@@ -1,0 +1,63 @@
+"""Why a training reply cannot be aggregated, or None if it can.
+
+One bad client must never poison the global model: every reply is checked
+against the global model's names, shapes and dtypes before it is used.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Message
+
+from fedge.records import NamedArrays, from_array_record
+
+WEIGHT_KEY = "num-examples"
+PARTIAL_KEY = "partial-update"
+"""Reply ConfigRecord flag: the update covers only some arrays (e.g. an edge
+client's classifier head); the others are left to the clients that sent them."""
+
+
+def rejection_reason(reply: Message, reference: NamedArrays) -> str | None:
+    """Check one reply against the reference arrays (the current global model)."""
+    if reply.has_error():
+        return f"client error: {reply.error.reason}"
+    content = reply.content
+    if len(content.array_records) != 1:
+        return f"expected one ArrayRecord, got {len(content.array_records)}"
+    if len(content.metric_records) != 1:
+        return f"expected one MetricRecord, got {len(content.metric_records)}"
+    metrics = next(iter(content.metric_records.values()))
+    weight = metrics.get(WEIGHT_KEY)
+    if weight is None:
+        return f"missing '{WEIGHT_KEY}' in metrics"
+    if isinstance(weight, list) or not np.isfinite(weight) or weight <= 0:
+        return f"'{WEIGHT_KEY}' must be a positive number, got {weight!r}"
+    arrays = from_array_record(next(iter(content.array_records.values())))
+    return arrays_rejection_reason(arrays, reference, partial=is_partial(reply))
+
+
+def is_partial(reply: Message) -> bool:
+    info = reply.content.config_records.get("update-info")
+    return bool(info is not None and info.get(PARTIAL_KEY) is True)
+
+
+def arrays_rejection_reason(
+    arrays: NamedArrays, reference: NamedArrays, partial: bool = False
+) -> str | None:
+    if not arrays:
+        return "the update holds no arrays"
+    missing = sorted(set(reference) - set(arrays))
+    if missing and not partial:
+        return f"missing arrays {missing[:3]}{'…' if len(missing) > 3 else ''}"
+    unknown = sorted(set(arrays) - set(reference))
+    if unknown:
+        return f"unknown arrays {unknown[:3]}{'…' if len(unknown) > 3 else ''}"
+    for name, value in arrays.items():
+        expected = reference[name]
+        if value.shape != expected.shape:
+            return f"array {name!r} has shape {value.shape}, expected {expected.shape}"
+        if value.dtype != expected.dtype:
+            return f"array {name!r} has dtype {value.dtype}, expected {expected.dtype}"
+        if not np.isfinite(value).all():
+            return f"array {name!r} contains NaN or Inf"
+    return None

@@ -1,0 +1,131 @@
+"""Client-side DP-SGD: epsilon carried across rounds, plain parameter names."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedge.models import ModelSpec, build_model, load_numpy_state, state_to_numpy
+from fedge.privacy.local_dp import (
+    AccountantState,
+    LocalDP,
+    local_budget_spent,
+    local_epsilon,
+    local_would_exceed,
+    make_local_dp,
+)
+
+DELTA = 1e-3
+SPEC = ModelSpec("mlp", (30,), 2)
+BATCH = 16
+SAMPLES = 64
+SAMPLE_RATE = BATCH / SAMPLES
+
+
+def _loader() -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(SAMPLES, 30, generator=generator)
+    labels = torch.randint(0, 2, (SAMPLES,), generator=generator)
+    return DataLoader(TensorDataset(features, labels), batch_size=BATCH)
+
+
+def _private(model: nn.Module, noise_multiplier: float, state: AccountantState | None) -> LocalDP:
+    return make_local_dp(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        _loader(),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=1.0,
+        accountant_state=state,
+        noise_generator=torch.Generator().manual_seed(1),
+    )
+
+
+def _train_epoch(dp: LocalDP) -> int:
+    steps = 0
+    for features, labels in dp.data_loader:
+        dp.optimizer.zero_grad()
+        nn.functional.cross_entropy(dp.model(features), labels).backward()
+        dp.optimizer.step()
+        steps += 1
+    return steps
+
+
+@pytest.mark.parametrize("second_sigma", [1.0, 1.4])
+def test_epsilon_accumulates_across_rounds(second_sigma: float) -> None:
+    model = build_model(SPEC)
+    with _private(model, 1.0, None) as first:
+        first_steps = _train_epoch(first)
+        first_epsilon = first.epsilon(DELTA)
+        persisted = first.state_bytes()
+    weights = state_to_numpy(model)
+
+    # Next round: a fresh model and optimizer, as a ClientApp would build.
+    model = build_model(SPEC)
+    load_numpy_state(model, weights)
+    with _private(model, second_sigma, persisted) as second:
+        second_steps = _train_epoch(second)
+        second_epsilon = second.epsilon(DELTA)
+        final_state = second.state()
+
+    reference = RDPAccountant()
+    for sigma, steps in [(1.0, first_steps), (second_sigma, second_steps)]:
+        for _ in range(steps):
+            reference.step(noise_multiplier=sigma, sample_rate=SAMPLE_RATE)
+    assert first_steps == second_steps == SAMPLES // BATCH
+    assert 0 < first_epsilon < second_epsilon
+    assert second_epsilon == reference.get_epsilon(DELTA)
+    assert local_epsilon(final_state, DELTA) == second_epsilon
+    assert local_epsilon(json.dumps(final_state), DELTA) == second_epsilon
+
+
+def test_model_keeps_plain_parameter_names() -> None:
+    model = build_model(SPEC)
+    names = list(model.state_dict())
+    before = state_to_numpy(model)
+    dp = _private(model, 1.0, None)
+    assert dp.model is model
+    assert list(dp.model.state_dict()) == names
+    _train_epoch(dp)
+    after = state_to_numpy(dp.model)
+    assert list(after) == names
+    assert any((after[name] != before[name]).any() for name in names)
+    load_numpy_state(dp.model, before)
+
+    dp.close()
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+    nn.functional.cross_entropy(model(torch.randn(4, 30)), torch.tensor([0, 1, 0, 1])).backward()
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+
+
+def test_budget_checks() -> None:
+    assert not local_budget_spent(None, delta=DELTA, max_epsilon=1.0)
+    assert local_epsilon(None, DELTA) == 0.0
+
+    with _private(build_model(SPEC), 1.0, None) as dp:
+        steps = _train_epoch(dp)
+        state = dp.state()
+    spent = local_epsilon(state, DELTA)
+    assert not local_budget_spent(state, delta=DELTA, max_epsilon=spent * 1.01)
+    assert local_budget_spent(state, delta=DELTA, max_epsilon=spent)
+
+    next_round = {"noise_multiplier": 1.0, "sample_rate": SAMPLE_RATE, "steps": steps}
+    with _private(build_model(SPEC), 1.0, state) as dp:
+        _train_epoch(dp)
+        after = dp.epsilon(DELTA)
+    assert local_would_exceed(state, delta=DELTA, max_epsilon=(spent + after) / 2, **next_round)
+    assert not local_would_exceed(state, delta=DELTA, max_epsilon=after, **next_round)
+
+
+@pytest.mark.parametrize(
+    "state",
+    [b"not json", {"history": []}, {"mechanism": "gdp", "history": []}, {"mechanism": "rdp"}],
+)
+def test_rejects_malformed_state(state: AccountantState) -> None:
+    with pytest.raises(ValueError, match="not a local-DP accountant state"):
+        local_epsilon(state, DELTA)

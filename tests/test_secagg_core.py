@@ -1,0 +1,619 @@
+"""End-to-end SecAgg+ rounds in-process: correctness, dropouts, aborts, tampering."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any, cast
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from numpy.typing import NDArray
+
+from fedge.secagg import (
+    AggregateResult,
+    ClientState,
+    Payload,
+    ProtocolError,
+    SecAggAbort,
+    SecAggServer,
+    Stage,
+    client_masked_input,
+    client_setup,
+    client_share_keys,
+    client_unmask,
+    upload_bytes_per_client,
+)
+from fedge.secagg.crypto import expand_mask, pairwise_mask
+
+Tamper = Callable[[Stage, dict[int, Payload]], None]
+QUICK = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@dataclass
+class Round:
+    """One in-process round; `vanish` and `tamper` play dropouts and attackers."""
+
+    server: SecAggServer
+    updates: dict[int, NDArray[np.float64]]
+    weights: dict[int, int]
+    vanish: Mapping[Stage, set[int]] = field(default_factory=dict)
+    tamper: Tamper | None = None
+    states: dict[int, ClientState] = field(default_factory=dict)
+    replies: dict[Stage, dict[int, Payload]] = field(default_factory=dict)
+    # what each client got at each stage: (state before the call, payload)
+    inbox: dict[Stage, dict[int, tuple[ClientState | None, Payload]]] = field(default_factory=dict)
+
+    def run(self) -> AggregateResult:
+        server = self.server
+        payloads = server.setup_payloads()
+        payloads = server.receive_public_keys(self._answer(Stage.SETUP, payloads))
+        payloads = server.receive_encrypted_shares(self._answer(Stage.SHARE_KEYS, payloads))
+        payloads = server.receive_masked_inputs(self._answer(Stage.MASKED_INPUT, payloads))
+        return server.receive_unmask_shares(self._answer(Stage.UNMASK, payloads))
+
+    def expected_sum(self, included: tuple[int, ...]) -> NDArray[np.float64]:
+        params = self.server.params
+        total = np.zeros(params.vector_length)
+        for node in included:
+            weight = min(self.weights[node], params.max_weight)
+            total += weight * np.clip(self.updates[node], -params.clip_range, params.clip_range)
+        return total
+
+    def check(self, result: AggregateResult, included: set[int]) -> None:
+        """The result is exactly the weighted sum over `included`, within the bound."""
+        params = self.server.params
+        assert set(result.included) == included
+        assert result.total_weight == sum(min(self.weights[i], params.max_weight) for i in included)
+        error = np.abs(result.weighted_sum - self.expected_sum(result.included))
+        assert error.max() <= params.quantizer.error_bound
+
+    def _answer(self, stage: Stage, payloads: dict[int, Payload]) -> dict[int, Payload]:
+        replies: dict[int, Payload] = {}
+        self.inbox[stage] = {}
+        for node, payload in payloads.items():
+            if node not in self.vanish.get(stage, set()):
+                state = self.states.get(node)
+                self.inbox[stage][node] = (state, payload)
+                self.states[node], replies[node] = self.call_client(stage, node, state, payload)
+        if self.tamper is not None:
+            self.tamper(stage, replies)
+        self.replies[stage] = replies
+        return replies
+
+    def call_client(
+        self, stage: Stage, node: int, state: ClientState | None, payload: Payload
+    ) -> tuple[ClientState, Payload]:
+        if state is None:
+            return client_setup(node, payload)
+        state = ClientState.from_dict(state.to_dict())  # as if in a fresh process
+        if stage is Stage.SHARE_KEYS:
+            return client_share_keys(state, payload)
+        if stage is Stage.MASKED_INPUT:
+            return client_masked_input(state, payload, self.updates[node], self.weights[node])
+        return client_unmask(state, payload)
+
+
+def make_round(
+    n: int,
+    num_shares: int,
+    threshold: int,
+    length: int = 50,
+    max_weight: int = 100,
+    clip_range: float = 1.0,
+    seed: int = 0,
+) -> Round:
+    """Random 64-bit ids (as Flower uses), updates in range, weights up to max_weight."""
+    draw = random.Random(seed)
+    ids: set[int] = set()
+    while len(ids) < n:
+        ids.add(draw.getrandbits(64))
+    rng = np.random.default_rng(seed)
+    server = SecAggServer(
+        ids, num_shares, threshold, length, clip_range, max_weight, round_seed=os.urandom(32)
+    )
+    updates = {i: rng.uniform(-clip_range, clip_range, length) for i in ids}
+    weights = {i: int(rng.integers(0, max_weight + 1)) for i in ids}
+    return Round(server, updates, weights)
+
+
+@st.composite
+def round_shapes(draw: st.DrawFn, complete: bool) -> tuple[int, int, int]:
+    """(n, num_shares, threshold): a complete graph, or a sparse ring (odd k < n)."""
+    n = draw(st.integers(3, 20) if complete else st.integers(5, 20))
+    k = n if complete else draw(st.sampled_from(range(3, n, 2)))
+    return n, k, draw(st.integers(k // 2 + 1, k))
+
+
+# --- correctness under dropouts ------------------------------------------------------
+
+
+@QUICK
+@given(
+    shape=round_shapes(complete=True),
+    length=st.integers(1, 2000),
+    max_weight=st.integers(1, 1000),
+    clip_range=st.floats(1e-3, 1e3),
+    seed=st.integers(0, 2**32),
+    data=st.data(),
+)
+def test_secure_sum_matches_weighted_sum_under_any_dropout(
+    shape: tuple[int, int, int],
+    length: int,
+    max_weight: int,
+    clip_range: float,
+    seed: int,
+    data: st.DataObject,
+) -> None:
+    n, k, t = shape
+    rnd = make_round(n, k, t, length, max_weight, clip_range, seed)
+    ids = list(rnd.server.params.participants)
+    gone = data.draw(st.lists(st.sampled_from(ids), unique=True, max_size=n - t))
+    split = data.draw(st.integers(0, len(gone)))  # some vanish before sharing keys
+    rnd.vanish = {Stage.SHARE_KEYS: set(gone[:split]), Stage.MASKED_INPUT: set(gone[split:])}
+    result = rnd.run()
+    rnd.check(result, set(ids) - set(gone))
+    assert set(result.dropped) == set(gone)
+    assert result.unmask_faults == {}
+
+
+def _sparse_round_succeeds(rnd: Round, survivors: set[int]) -> bool:
+    """Bell et al.'s condition: t survivors overall and t holders for every needed secret."""
+    params = rnd.server.params
+    t = params.threshold
+
+    def holders(node: int) -> int:
+        return len(set(params.neighbours(node)) & survivors)
+
+    dropped = set(params.participants) - survivors
+    return (
+        len(survivors) >= t
+        and all(holders(u) >= t for u in survivors)
+        and all(holders(i) in (0, *range(t, len(params.participants))) for i in dropped)
+    )
+
+
+@QUICK
+@given(shape=round_shapes(complete=False), seed=st.integers(0, 2**32), data=st.data())
+def test_sparse_graph_sum_is_right_or_round_aborts(
+    shape: tuple[int, int, int], seed: int, data: st.DataObject
+) -> None:
+    n, k, t = shape
+    rnd = make_round(n, k, t, length=30, seed=seed)
+    ids = list(rnd.server.params.participants)
+    gone = set(data.draw(st.lists(st.sampled_from(ids), unique=True, max_size=n - 1)))
+    rnd.vanish = {Stage.MASKED_INPUT: gone}
+    if _sparse_round_succeeds(rnd, set(ids) - gone):
+        rnd.check(rnd.run(), set(ids) - gone)
+    else:
+        with pytest.raises(SecAggAbort):
+            rnd.run()
+
+
+def test_early_dropout_prunes_starved_neighbours_and_still_aggregates() -> None:
+    rnd = make_round(n=15, num_shares=7, threshold=4)
+    ring = rnd.server.params.ring
+    gone = {ring[-3], ring[-1], ring[1], ring[3]}  # ring[0] keeps 3 of 7, ring[±2] then too
+    rnd.vanish = {Stage.SETUP: gone}
+    result = rnd.run()
+    pruned = {ring[-2], ring[0], ring[2]}
+    assert set(result.dropped) == gone | pruned
+    assert all("live neighbours" in result.dropped[node] for node in pruned)
+    rnd.check(result, set(ring) - gone - pruned)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(3, 12), stage=st.sampled_from([Stage.MASKED_INPUT, Stage.UNMASK]))
+def test_round_aborts_below_threshold(n: int, stage: Stage) -> None:
+    t = n // 2 + 1
+    rnd = make_round(n, n, t, seed=n)
+    rnd.vanish = {stage: set(rnd.server.params.participants[: n - t + 1])}
+    with pytest.raises(SecAggAbort, match="threshold"):
+        rnd.run()
+    with pytest.raises(SecAggAbort, match="already aborted"):
+        rnd.server.receive_unmask_shares({})
+
+
+def test_weights_above_max_weight_are_capped() -> None:
+    rnd = make_round(n=4, num_shares=4, threshold=3, max_weight=10)
+    rnd.weights = dict.fromkeys(rnd.weights, 25)
+    result = rnd.run()
+    assert result.total_weight == 40
+    rnd.check(result, set(rnd.server.params.participants))
+
+
+# --- privacy of the upload ------------------------------------------------------------
+
+CHI2_255_P1E6 = 377.08  # chi-square quantile, 255 dof, p = 1e-6 (scipy.stats.chi2.ppf)
+
+
+def _top_byte_chi2(vector: NDArray[np.uint32]) -> float:
+    counts = np.bincount(vector >> 24, minlength=256)
+    expected = vector.size / 256
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_masked_upload_looks_uniform_and_hides_the_update() -> None:
+    rnd = make_round(n=5, num_shares=5, threshold=3, length=2**16, max_weight=10)
+    rnd.run()
+    params = rnd.server.params
+    node = params.participants[0]
+    masked = cast(NDArray[np.uint32], rnd.replies[Stage.MASKED_INPUT][node]["masked"])
+    plain = params.quantizer.encode(rnd.updates[node], rnd.weights[node])
+    assert _top_byte_chi2(plain) > CHI2_255_P1E6  # the test does detect an unmasked upload
+    assert _top_byte_chi2(masked) < CHI2_255_P1E6
+    assert np.mean(masked == plain) < 0.001
+    # Even knowing every pairwise mask (as when the server wrongly thinks the node
+    # dropped), the self mask alone still hides the update; removing it reveals it.
+    state = rnd.states[node]
+    for peer, peer_key in zip(state.peers, state.peer_mask_keys, strict=True):
+        if peer != node:
+            masked = masked - pairwise_mask(
+                state.mask_private, peer_key, node, peer, params.round_seed, masked.size
+            )
+    assert _top_byte_chi2(masked) < CHI2_255_P1E6
+    unmasked = masked - expand_mask(state.seed, masked.size)
+    decoded, weight = params.quantizer.decode(unmasked)
+    assert weight == rnd.weights[node]
+    assert np.abs(decoded - weight * rnd.updates[node]).max() <= params.quantizer.step
+
+
+def test_upload_size_matches_advertised_bytes() -> None:
+    rnd = make_round(n=9, num_shares=5, threshold=3, length=1234)
+    rnd.run()
+    for node in rnd.server.params.participants:
+        sent = 0
+        for replies in rnd.replies.values():
+            for value in replies[node].values():
+                if isinstance(value, np.ndarray):
+                    sent += value.nbytes
+                elif isinstance(value, bytes):
+                    sent += len(value)
+                elif isinstance(value, list):
+                    sent += sum(len(v) for v in value if isinstance(v, bytes))
+        assert sent == upload_bytes_per_client(1234, 5)
+
+
+# --- tampering drops only the culprit --------------------------------------------------
+
+Mutation = Callable[[Round, Payload], None]
+
+
+def _flip_ciphertext_byte(rnd: Round, reply: Payload) -> None:
+    first, *rest = reply["ciphertexts"]  # type: ignore[misc]
+    reply["ciphertexts"] = [bytes([first[0] ^ 1]) + first[1:], *rest]
+
+
+def _reroute_ciphertexts(rnd: Round, reply: Payload) -> None:
+    first, *rest = reply["ciphertexts"]  # type: ignore[misc]
+    reply["ciphertexts"] = [*rest, first]
+
+
+def _duplicate_receiver(rnd: Round, reply: Payload) -> None:
+    first, *rest = reply["receivers"]  # type: ignore[misc]
+    reply["receivers"] = [first, *rest[:-1], first]
+
+
+def _replay_share_keys_reply(rnd: Round, reply: Payload) -> None:
+    reply.clear()
+    reply.update(rnd.replies[Stage.SHARE_KEYS][min(rnd.server.params.participants)])
+
+
+def _set(key: str, value: object) -> Mutation:
+    def mutate(rnd: Round, reply: Payload) -> None:
+        reply[key] = value  # type: ignore[assignment]
+
+    return mutate
+
+
+TAMPERS: dict[str, tuple[Stage, Mutation, str]] = {
+    "flipped ciphertext byte": (Stage.SHARE_KEYS, _flip_ciphertext_byte, "authentication"),
+    "rerouted ciphertexts": (Stage.SHARE_KEYS, _reroute_ciphertexts, "authentication"),
+    "duplicate receiver": (Stage.SHARE_KEYS, _duplicate_receiver, "duplicate"),
+    "wrong ciphertext size": (Stage.SHARE_KEYS, _set("ciphertexts", [b"x"] * 6), "bytes"),
+    "wrong stage": (Stage.MASKED_INPUT, _set("stage", Stage.UNMASK.value), "stage"),
+    "replayed reply": (Stage.MASKED_INPUT, _replay_share_keys_reply, "stage"),
+    "short vector": (Stage.MASKED_INPUT, _set("masked", np.zeros(5, np.uint32)), "shape"),
+    "int64 vector": (Stage.MASKED_INPUT, _set("masked", np.zeros(51, np.int64)), "uint32"),
+    "big-endian vector": (Stage.MASKED_INPUT, _set("masked", np.zeros(51, ">u4")), "uint32"),
+    "list vector": (Stage.MASKED_INPUT, _set("masked", [0] * 51), "uint32"),
+    "bogus rejection": (Stage.MASKED_INPUT, _set("rejected", [12345]), "sent it nothing"),
+    "low-order key": (Stage.SETUP, _set("pk_mask", bytes(32)), "low-order"),
+    "key as str": (Stage.SETUP, _set("pk_enc", "k" * 32), "bytes"),
+    "missing commitment": (Stage.SETUP, lambda rnd, reply: reply.clear(), "missing"),
+}
+
+
+@pytest.mark.parametrize(("stage", "mutate", "reason"), TAMPERS.values(), ids=TAMPERS.keys())
+def test_tampered_reply_drops_only_its_sender(stage: Stage, mutate: Mutation, reason: str) -> None:
+    rnd = make_round(n=7, num_shares=7, threshold=4)
+    culprit = min(rnd.server.params.participants)
+    rnd.tamper = lambda s, replies: mutate(rnd, replies[culprit]) if s is stage else None
+    result = rnd.run()
+    assert list(result.dropped) == [culprit]
+    assert reason in result.dropped[culprit]
+    rnd.check(result, set(rnd.server.params.participants) - {culprit})
+
+
+def test_malformed_unmask_reply_is_ignored_and_input_still_counts() -> None:
+    rnd = make_round(n=6, num_shares=6, threshold=4)
+    culprit = min(rnd.server.params.participants)
+    rnd.tamper = lambda s, replies: (
+        _set("seed_shares", [])(rnd, replies[culprit]) if s is Stage.UNMASK else None
+    )
+    result = rnd.run()
+    assert list(result.unmask_faults) == [culprit]
+    assert result.dropped == {}
+    rnd.check(result, set(rnd.server.params.participants))
+
+
+@pytest.mark.parametrize("kind", ["seed_shares", "key_shares"])
+def test_wrong_but_wellformed_share_aborts_instead_of_a_wrong_sum(kind: str) -> None:
+    rnd = make_round(n=6, num_shares=6, threshold=4)
+    ids = rnd.server.params.participants
+    rnd.vanish = {Stage.MASKED_INPUT: {ids[-1]}}  # so that key shares are requested too
+
+    def corrupt(stage: Stage, replies: dict[int, Payload]) -> None:
+        if stage is Stage.UNMASK:
+            first, *rest = replies[ids[0]][kind]  # type: ignore[misc]
+            replies[ids[0]][kind] = [(int.from_bytes(first, "big") ^ 1).to_bytes(66, "big"), *rest]
+
+    rnd.tamper = corrupt
+    with pytest.raises(SecAggAbort, match="commitment"):
+        rnd.run()
+
+
+JUNK = [None, "junk", 1.5, -1, [None], {}, np.zeros(3, np.float32), b"\x00" * 7]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    stage=st.sampled_from(list(Stage)),
+    junk=st.sampled_from(JUNK),
+    which=st.integers(0, 10),
+    delete=st.booleans(),
+)
+def test_fuzzed_reply_never_crashes_the_server(
+    stage: Stage, junk: object, which: int, delete: bool
+) -> None:
+    rnd = make_round(n=5, num_shares=5, threshold=3, length=20)
+    culprit = min(rnd.server.params.participants)
+
+    def fuzz(s: Stage, replies: dict[int, Payload]) -> None:
+        if s is stage:
+            key = sorted(replies[culprit])[which % len(replies[culprit])]
+            if delete:
+                del replies[culprit][key]
+            else:
+                replies[culprit][key] = junk  # type: ignore[assignment]
+
+    rnd.tamper = fuzz
+    result = rnd.run()
+    survivors = set(rnd.server.params.participants) - {culprit}
+    if stage is Stage.UNMASK:
+        assert culprit in result.unmask_faults
+        survivors.add(culprit)
+    else:
+        assert culprit in result.dropped
+    rnd.check(result, survivors)
+
+
+def test_server_methods_must_run_in_order() -> None:
+    rnd = make_round(n=3, num_shares=3, threshold=2)
+    with pytest.raises(RuntimeError, match="out of order"):
+        rnd.server.receive_masked_inputs({})
+
+
+# --- the client refuses bad server messages ------------------------------------------
+
+
+@cache
+def _recorded_round() -> Round:
+    rnd = make_round(n=5, num_shares=5, threshold=3, length=10)
+    rnd.run()
+    return rnd
+
+
+Edit = Callable[[Payload, int], None]
+
+
+def _edit(key: str, new: Callable[[Any, int], object]) -> Edit:
+    """An edit that replaces payload[key] by new(old value, receiving node)."""
+
+    def apply(payload: Payload, node: int) -> None:
+        payload[key] = new(payload[key], node)  # type: ignore[assignment]
+
+    return apply
+
+
+def _ask_both_kinds(payload: Payload, node: int) -> None:
+    survivors = cast(list[int], payload["survivors"])
+    payload["dropped"] = [p for p in survivors if p != node][:1]
+
+
+def _drop_self(payload: Payload, node: int) -> None:
+    payload["survivors"] = [p for p in cast(list[int], payload["survivors"]) if p != node]
+    payload["dropped"] = [node]
+
+
+def _low_order_peer_key(payload: Payload, node: int) -> None:
+    peers = cast(list[int], payload["neighbours"])
+    keys = cast(list[bytes], payload["pk_enc"])
+    payload["pk_enc"] = [
+        key if peer == node else bytes(32) for peer, key in zip(peers, keys, strict=True)
+    ]
+
+
+def _share_to_few(payload: Payload, node: int) -> None:
+    peers = cast(list[int], payload["neighbours"])
+    keep = [i for i, peer in enumerate(peers) if peer == node] + [0 if peers[0] != node else 1]
+    for key in ("neighbours", "pk_enc", "pk_mask"):
+        payload[key] = [cast(list[Any], payload[key])[i] for i in keep]
+
+
+BAD_SERVER_MESSAGES: dict[str, tuple[Stage, Edit, type[Exception], str]] = {
+    "wrong stage": (
+        Stage.SETUP,
+        _edit("stage", lambda v, n: "secagg_unmask"),
+        ProtocolError,
+        "stage",
+    ),
+    "for another node": (
+        Stage.SETUP,
+        _edit("node_id", lambda v, n: n + 1),
+        ProtocolError,
+        "addressed",
+    ),
+    "not a participant": (
+        Stage.SETUP,
+        _edit("participants", lambda v, n: sorted(p ^ 1 if p == n else p for p in v)),
+        ProtocolError,
+        "not among",
+    ),
+    "threshold too low": (
+        Stage.SETUP,
+        _edit("threshold", lambda v, n: 1),
+        ProtocolError,
+        "threshold",
+    ),
+    "overflowing weights": (
+        Stage.SETUP,
+        _edit("max_weight", lambda v, n: 10**7),
+        ProtocolError,
+        "max_weight",
+    ),
+    "short round seed": (
+        Stage.SETUP,
+        _edit("round_seed", lambda v, n: b"seed"),
+        ProtocolError,
+        "round_seed",
+    ),
+    "stranger neighbour": (
+        Stage.SHARE_KEYS,
+        _edit("neighbours", lambda v, n: [p if p == n else p ^ 1 for p in v]),
+        ProtocolError,
+        "neighbourhood",
+    ),
+    "own key replaced": (
+        Stage.SHARE_KEYS,
+        _edit("pk_mask", lambda v, n: v[::-1]),
+        ProtocolError,
+        "altered",
+    ),
+    "low-order peer key": (Stage.SHARE_KEYS, _low_order_peer_key, ProtocolError, "low-order"),
+    "misaligned keys": (
+        Stage.SHARE_KEYS,
+        _edit("pk_enc", lambda v, n: v[:-1]),
+        ProtocolError,
+        "entries",
+    ),
+    "too few neighbours": (Stage.SHARE_KEYS, _share_to_few, SecAggAbort, "threshold"),
+    "self as sender": (
+        Stage.MASKED_INPUT,
+        _edit("senders", lambda v, n: [n, *v[1:]]),
+        ProtocolError,
+        "live",
+    ),
+    "missing ciphertext": (
+        Stage.MASKED_INPUT,
+        _edit("ciphertexts", lambda v, n: v[:-1]),
+        ProtocolError,
+        "entries",
+    ),
+    "both kinds for a peer": (Stage.UNMASK, _ask_both_kinds, ProtocolError, "both share kinds"),
+    "own key share": (Stage.UNMASK, _drop_self, ProtocolError, "alive"),
+    "unknown peer": (
+        Stage.UNMASK,
+        _edit("survivors", lambda v, n: [*v, 7]),
+        ProtocolError,
+        "holds no shares",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("stage", "edit", "error", "match"),
+    BAD_SERVER_MESSAGES.values(),
+    ids=BAD_SERVER_MESSAGES.keys(),
+)
+def test_client_rejects_malformed_server_message(
+    stage: Stage, edit: Edit, error: type[Exception], match: str
+) -> None:
+    rnd = _recorded_round()
+    node = rnd.server.params.participants[0]
+    state, genuine = rnd.inbox[stage][node]
+    rnd.call_client(stage, node, state, dict(genuine))  # the genuine message is accepted
+    payload = dict(genuine)
+    edit(payload, node)
+    with pytest.raises(error, match=match):
+        rnd.call_client(stage, node, state, payload)
+
+
+@pytest.mark.parametrize("stage", [Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK])
+def test_client_rejects_replayed_or_reordered_messages(stage: Stage) -> None:
+    rnd = _recorded_round()
+    node = rnd.server.params.participants[0]
+    _, payload = rnd.inbox[stage][node]
+    with pytest.raises(ProtocolError, match="expecting"):
+        rnd.call_client(stage, node, rnd.states[node], dict(payload))  # state is past it
+
+
+@pytest.mark.parametrize("corrupted", [1, 3])
+def test_client_reports_unauthentic_shares_and_aborts_when_too_few_remain(corrupted: int) -> None:
+    rnd = _recorded_round()
+    node = rnd.server.params.participants[0]
+    state, payload = rnd.inbox[Stage.MASKED_INPUT][node]
+    ciphertexts = cast(list[bytes], payload["ciphertexts"])
+    bad = [c[:-1] + bytes([c[-1] ^ 1]) for c in ciphertexts[:corrupted]]
+    tampered = {**payload, "ciphertexts": bad + ciphertexts[corrupted:]}
+    senders = cast(list[int], payload["senders"])
+    if 1 + len(senders) - corrupted >= rnd.server.params.threshold:
+        _, reply = rnd.call_client(Stage.MASKED_INPUT, node, state, tampered)
+        assert reply["rejected"] == senders[:corrupted]
+    else:
+        with pytest.raises(SecAggAbort, match="threshold"):
+            rnd.call_client(Stage.MASKED_INPUT, node, state, tampered)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_client_never_reveals_both_share_kinds_for_one_peer(data: st.DataObject) -> None:
+    rnd = _recorded_round()
+    node = rnd.server.params.participants[0]
+    state, _ = rnd.inbox[Stage.UNMASK][node]
+    assert state is not None
+    held = list(state.held)
+    survivors = data.draw(st.lists(st.sampled_from(held), unique=True))
+    dropped = data.draw(st.lists(st.sampled_from(held), unique=True))
+    request: Payload = {"stage": Stage.UNMASK.value, "survivors": survivors, "dropped": dropped}
+    if set(survivors) & set(dropped) or node in dropped:
+        with pytest.raises(ProtocolError):
+            client_unmask(state, request)
+        return
+    new_state, reply = client_unmask(state, request)
+    shares = dict(
+        zip(
+            state.held, zip(state.held_seed_shares, state.held_key_shares, strict=True), strict=True
+        )
+    )
+    assert reply["seed_shares"] == [shares[p][0] for p in survivors]
+    assert reply["key_shares"] == [shares[p][1] for p in dropped]
+    with pytest.raises(ProtocolError, match="expecting nothing"):
+        client_unmask(new_state, {**request, "survivors": [], "dropped": survivors})
+
+
+def test_payloads_replies_and_state_fit_flower_config_records() -> None:
+    flwr_app = pytest.importorskip("flwr.app")
+    rnd = _recorded_round()
+    messages = [p for inbox in rnd.inbox.values() for _, p in inbox.values()]
+    messages += [r for replies in rnd.replies.values() for r in replies.values()]
+    messages += [state.to_dict() for state in rnd.states.values()]
+    for message in messages:
+        flwr_app.ConfigRecord({k: v for k, v in message.items() if k != "masked"})
+    masked = rnd.replies[Stage.MASKED_INPUT][rnd.server.params.participants[0]]["masked"]
+    flwr_app.ArrayRecord({"masked": flwr_app.Array(masked)})

@@ -1,0 +1,260 @@
+"""Building blocks of SecAgg+: Shamir sharing, crypto wrappers, quantization, graph."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedge.secagg import ProtocolError, Quantizer, SecAggParams, SecAggServer
+from fedge.secagg import quantization_error_bound as error_bound
+from fedge.secagg.crypto import (
+    decrypt_share,
+    digest,
+    encrypt_share,
+    expand_mask,
+    generate_private_key,
+    pairwise_mask,
+    public_key,
+    seed_commitment,
+    validate_public_key,
+)
+from fedge.secagg.shamir import PRIME, SHARE_BYTES, combine, split
+
+FAST = settings(max_examples=60, deadline=None)
+MAX_PRODUCT = (2**31 - 1) >> 8  # largest safe num_clients * max_weight
+
+# --- Shamir ----------------------------------------------------------------------------
+
+
+@FAST
+@given(secret=st.binary(min_size=32, max_size=32), n=st.integers(1, 25), data=st.data())
+def test_any_threshold_shares_recover_the_secret_and_fewer_do_not(
+    secret: bytes, n: int, data: st.DataObject
+) -> None:
+    t = data.draw(st.integers(1, n))
+    xs = data.draw(st.lists(st.integers(1, 10**6), min_size=n, max_size=n, unique=True))
+    shares = dict(zip(xs, split(secret, xs, t), strict=True))
+    chosen = data.draw(st.permutations(xs))
+    assert combine({x: shares[x] for x in chosen[:t]}, 32) == secret
+    if t > 1:
+        # t - 1 shares interpolate to an unrelated field element, usually too large
+        with contextlib.suppress(ValueError):
+            assert combine({x: shares[x] for x in chosen[: t - 1]}, 32) != secret
+
+
+def test_shamir_field_is_prime_and_shares_are_fixed_size() -> None:
+    assert all(pow(base, PRIME - 1, PRIME) == 1 for base in (2, 3, 5, 7))
+    assert {len(s) for s in split(os.urandom(32), [1, 2, 3], 2)} == {SHARE_BYTES}
+
+
+@pytest.mark.parametrize(
+    ("xs", "threshold"), [([1, 1, 2], 2), ([0, 1, 2], 2), ([1, 2], 3), ([1, 2], 0)]
+)
+def test_split_rejects_bad_coordinates_and_thresholds(xs: list[int], threshold: int) -> None:
+    with pytest.raises(ValueError):
+        split(b"secret", xs, threshold)
+
+
+@pytest.mark.parametrize(
+    "share", [PRIME.to_bytes(SHARE_BYTES, "big"), b"\x00" * (SHARE_BYTES - 1), b""]
+)
+def test_combine_rejects_malformed_shares(share: bytes) -> None:
+    good = split(b"k" * 32, [1, 2], 2)
+    with pytest.raises(ValueError):
+        combine({1: good[0], 2: share}, 32)
+
+
+# --- crypto ----------------------------------------------------------------------------
+
+SEED = b"r" * 32
+
+
+def _keypair() -> tuple[bytes, bytes]:
+    private = generate_private_key()
+    return private, public_key(private)
+
+
+def test_share_ciphertext_binds_sender_receiver_round_and_content() -> None:
+    (a_sk, a_pk), (b_sk, b_pk) = _keypair(), _keypair()
+    c_sk = generate_private_key()
+    ciphertext = encrypt_share(a_sk, b_pk, 1, 2, SEED, b"shares")
+    assert decrypt_share(b_sk, a_pk, 1, 2, SEED, ciphertext) == b"shares"
+    flipped = ciphertext[:-1] + bytes([ciphertext[-1] ^ 1])
+    attempts = [
+        (b_sk, a_pk, 2, 1, SEED, ciphertext),  # direction swapped
+        (b_sk, a_pk, 1, 3, SEED, ciphertext),  # rerouted to another receiver id
+        (c_sk, a_pk, 1, 2, SEED, ciphertext),  # another receiver's key
+        (b_sk, a_pk, 1, 2, b"s" * 32, ciphertext),  # replayed in another round
+        (b_sk, a_pk, 1, 2, SEED, flipped),
+        (b_sk, a_pk, 1, 2, SEED, ciphertext[:20]),
+    ]
+    for attempt in attempts:
+        with pytest.raises(ProtocolError):
+            decrypt_share(*attempt)
+
+
+def test_pairwise_masks_cancel_and_are_not_trivial() -> None:
+    (a_sk, a_pk), (b_sk, b_pk) = _keypair(), _keypair()
+    from_a = pairwise_mask(a_sk, b_pk, 5, 9, SEED, 1000)
+    from_b = pairwise_mask(b_sk, a_pk, 9, 5, SEED, 1000)
+    assert from_a.dtype == np.uint32
+    assert not np.any(from_a + from_b)
+    assert np.count_nonzero(from_a) > 990
+    other_round = pairwise_mask(a_sk, b_pk, 5, 9, b"s" * 32, 1000)
+    assert np.count_nonzero(other_round == from_a) < 10
+
+
+def test_mask_expansion_is_a_deterministic_prefix_stream() -> None:
+    long, short = expand_mask(SEED, 1000), expand_mask(SEED, 7)
+    assert long.dtype == np.uint32 and long.shape == (1000,)
+    assert np.array_equal(long[:7], short)
+    assert np.count_nonzero(expand_mask(b"s" * 32, 1000) == long) < 10
+    with pytest.raises(ValueError):
+        expand_mask(b"short", 3)
+
+
+@pytest.mark.parametrize("key", [bytes(32), b"\x01" + bytes(31), bytes(31), b""])
+def test_public_keys_without_a_shared_secret_are_rejected(key: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        validate_public_key(key)
+
+
+def test_commitment_and_digest_separate_their_inputs() -> None:
+    base = seed_commitment(SEED, 1, SEED)
+    assert len({base, seed_commitment(b"s" * 32, 1, SEED), seed_commitment(SEED, 2, SEED)}) == 3
+    assert base != seed_commitment(SEED, 1, b"s" * 32)
+    assert digest(b"ab", b"c") != digest(b"a", b"bc")
+
+
+# --- quantization ----------------------------------------------------------------------
+
+
+@st.composite
+def quantizers(draw: st.DrawFn) -> Quantizer:
+    n = draw(st.integers(1, 200))
+    max_weight = draw(st.integers(1, min(10**4, MAX_PRODUCT // n)))
+    return Quantizer(draw(st.floats(1e-4, 1e4)), max_weight, n)
+
+
+@FAST
+@given(quantizer=quantizers(), length=st.integers(1, 300), data=st.data())
+def test_sum_of_encodings_decodes_within_the_bound(
+    quantizer: Quantizer, length: int, data: st.DataObject
+) -> None:
+    m = data.draw(st.integers(1, min(quantizer.num_clients, 30)))
+    r, w = quantizer.clip_range, quantizer.max_weight
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32)))
+    updates = rng.uniform(-r, r, (m, length))
+    weights = rng.integers(0, w + 1, m)
+    total = np.zeros(length + 1, np.uint32)
+    for update, weight in zip(updates, weights, strict=True):
+        total += quantizer.encode(update, int(weight))
+    decoded, total_weight = quantizer.decode(total)
+    assert total_weight == weights.sum()
+    expected = (weights[:, None] * updates).sum(axis=0)
+    assert np.abs(decoded - expected).max() <= error_bound(quantizer.num_clients, w, r)
+
+
+@FAST
+@given(quantizer=quantizers(), sign=st.sampled_from([-1.0, 1.0]))
+def test_all_clients_at_full_scale_do_not_wrap_around(quantizer: Quantizer, sign: float) -> None:
+    n, r, w = quantizer.num_clients, quantizer.clip_range, quantizer.max_weight
+    one = quantizer.encode(np.full(3, sign * r), w)
+    total = one * np.uint32(n)  # n identical uploads, summed mod 2^32
+    decoded, total_weight = quantizer.decode(total)
+    assert total_weight == n * w
+    assert np.abs(decoded - sign * n * w * r).max() <= quantizer.error_bound
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.25])
+def test_stochastic_rounding_is_unbiased(fraction: float) -> None:
+    quantizer = Quantizer(clip_range=1.0, max_weight=1, num_clients=1000)
+    value = (7 + fraction) * quantizer.step
+    levels = quantizer.encode(np.full(40_000, value), 1)[:-1].view(np.int32)
+    assert set(np.unique(levels)) == {7, 8}
+    assert abs(levels.mean() - (7 + fraction)) < 5 * 0.5 / np.sqrt(levels.size)
+
+
+def test_values_beyond_the_range_are_clipped() -> None:
+    quantizer = Quantizer(clip_range=2.0, max_weight=3, num_clients=10)
+    decoded, weight = quantizer.decode(quantizer.encode(np.array([-50.0, 0.5, 50.0]), 3))
+    assert weight == 3
+    assert np.allclose(decoded, [-6.0, 1.5, 6.0], atol=quantizer.step)
+
+
+@pytest.mark.parametrize(
+    ("update", "weight"),
+    [([np.nan], 1), ([[1.0]], 1), ([1.0], -1), ([1.0], True), ([1.0], 1.5)],
+)
+def test_encode_rejects_bad_inputs(update: list[float], weight: int) -> None:
+    with pytest.raises(ValueError):
+        Quantizer(1.0, 10, 10).encode(np.array(update), weight)
+
+
+def test_unsafe_weight_and_client_counts_are_refused_with_a_clear_message() -> None:
+    Quantizer(1.0, max_weight=MAX_PRODUCT // 1000, num_clients=1000)  # on the boundary
+    with pytest.raises(ValueError, match=r"max_weight.*fewer clients"):
+        Quantizer(1.0, max_weight=MAX_PRODUCT // 1000 + 1, num_clients=1000)
+    with pytest.raises(ValueError, match="num_clients=1000 x max_weight=10000"):
+        SecAggServer(range(1000), 5, 3, 10, 1.0, max_weight=10_000, round_seed=SEED)
+    for clip_range in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="clip_range"):
+            Quantizer(clip_range, 1, 1)
+
+
+# --- parameters and neighbour graph ----------------------------------------------------
+
+
+@FAST
+@given(n=st.integers(2, 40), data=st.data())
+def test_neighbourhoods_are_symmetric_and_of_size_num_shares(n: int, data: st.DataObject) -> None:
+    k = data.draw(st.sampled_from([n, *range(3, n, 2)]))
+    ids = data.draw(st.lists(st.integers(0, 2**64 - 1), min_size=n, max_size=n, unique=True))
+    params = SecAggParams(tuple(sorted(ids)), k, k // 2 + 1, 1, 1.0, 1, os.urandom(16))
+    for node in ids:
+        group = params.neighbours(node)
+        assert len(group) == k and node in group and list(group) == sorted(group)
+        assert all(node in params.neighbours(peer) for peer in group)
+    assert SecAggParams.from_payload(params.to_payload()).neighbours(ids[0]) == params.neighbours(
+        ids[0]
+    )
+
+
+def test_graph_depends_on_the_round_seed_only() -> None:
+    def graph(seed: bytes, order: list[int]) -> list[tuple[int, ...]]:
+        server = SecAggServer(order, 5, 3, 1, 1.0, 1, seed)
+        return [server.params.neighbours(node) for node in range(30)]
+
+    ids = list(range(30))
+    assert graph(SEED, ids) == graph(SEED, ids[::-1])
+    assert graph(SEED, ids) != graph(b"s" * 32, ids)
+
+
+@pytest.mark.parametrize(
+    ("participants", "num_shares", "threshold", "seed", "match"),
+    [
+        ((1, 2, 3, 4, 5), 4, 3, SEED, "odd"),
+        ((1, 2, 3), 5, 3, SEED, "odd"),
+        ((1, 2, 3, 4, 5), 5, 2, SEED, "threshold"),
+        ((1, 2, 3, 4, 5), 3, 4, SEED, "threshold"),
+        ((2, 1, 3), 3, 2, SEED, "sorted"),
+        ((1, 1, 3), 3, 2, SEED, "distinct"),
+        ((1,), 1, 1, SEED, "at least 2"),
+        ((1, 2, 3), 3, 2, b"short", "round_seed"),
+    ],
+)
+def test_invalid_round_parameters_are_refused(
+    participants: tuple[int, ...], num_shares: int, threshold: int, seed: bytes, match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        SecAggParams(participants, num_shares, threshold, 10, 1.0, 1, seed)
+
+
+def test_server_refuses_duplicate_participants() -> None:
+    with pytest.raises(ValueError, match="duplicate"):
+        SecAggServer([1, 2, 2, 3], 3, 2, 10, 1.0, 1, SEED)
