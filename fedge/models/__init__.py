@@ -27,7 +27,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'fedge.models' has no attribute {name!r}")
 
 
-__all__ = [  # noqa: RUF022 - the torch-backed names resolve lazily via __getattr__
+__all__ = [  # torch-backed names resolve lazily via __getattr__
     "ModelSpec",
     "default_model_name",
     "spec_for_data",
