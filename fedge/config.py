@@ -47,7 +47,7 @@ class FedgeConfig:
     """All run-config keys with their defaults (mirrored in pyproject.toml)."""
 
     # Federation
-    num_server_rounds: int = _opt(15, "federated rounds", low=1)
+    num_server_rounds: int = _opt(20, "federated rounds", low=1)
     fraction_train: float = _opt(
         1.0, "fraction of nodes sampled per round", low=0, high=1, low_open=True
     )
@@ -58,7 +58,7 @@ class FedgeConfig:
         600.0, "seconds to wait for replies per stage", low=0, low_open=True
     )
     # Client training
-    local_epochs: int = _opt(2, "local epochs per round", low=1)
+    local_epochs: int = _opt(3, "local epochs per round", low=1)
     batch_size: int = _opt(32, "local mini-batch size", low=1)
     lr: float = _opt(0.05, "client learning rate", low=0, low_open=True)
     optimizer: str = _opt("sgd", "client optimizer", choices=("sgd", "adam"))
@@ -95,7 +95,44 @@ class FedgeConfig:
     edge_clients: int = _opt(
         0, "simulation: the last N partitions run the torch-free edge learner", low=0
     )
+    edge_backbone: str = _opt(
+        "auto",
+        "backbone sent to edge clients; auto = fp32 when edge-clients > 0",
+        choices=("auto", "off", "fp32", "int8"),
+    )
     seed: int = _opt(42, "seed for data splits, init and sampling", low=0)
+    # Differential privacy (server side: central or distributed noise on client updates)
+    dp_mode: str = _opt("none", "update-level DP", choices=("none", "central", "distributed"))
+    dp_noise_multiplier: float = _opt(1.0, "sigma: noise std / clipping norm", low=0, low_open=True)
+    dp_clipping_norm: float = _opt(
+        1.0, "C: clients clip their update to this L2 norm", low=0, low_open=True
+    )
+    dp_delta: float = _opt(
+        1e-5, "delta of the reported (epsilon, delta)", low=0, high=1, low_open=True, high_open=True
+    )
+    dp_max_epsilon: float = _opt(
+        0.0, "never start a round that would exceed it; 0 = no budget", low=0
+    )
+    dp_adaptive_clipping: bool = _opt(False, "track a norm quantile (central DP without SecAgg)")
+    dp_target_quantile: float = _opt(
+        0.5, "adaptive clipping: target quantile of update norms", low=0, high=1
+    )
+    dp_clip_learning_rate: float = _opt(0.2, "adaptive clipping: geometric step size", low=0)
+    dp_count_stddev: float = _opt(
+        0.0, "adaptive clipping: noise on the count; 0 = clients/20", low=0
+    )
+    dp_min_clients: int = _opt(
+        0, "distributed DP: noise provisioned for this many survivors; 0 = secagg-threshold", low=0
+    )
+    # Local DP-SGD (Opacus) in every ClientApp
+    local_dp: bool = _opt(False, "clients train with Opacus DP-SGD")
+    local_dp_noise_multiplier: float = _opt(1.0, "DP-SGD noise multiplier", low=0, low_open=True)
+    local_dp_max_grad_norm: float = _opt(
+        1.0, "DP-SGD per-sample gradient clipping norm", low=0, low_open=True
+    )
+    local_dp_max_epsilon: float = _opt(
+        0.0, "a client declines to train past it; 0 = no budget", low=0
+    )
     # Outputs
     output_dir: str = _opt("outputs", "results folder (relative: see resolve_path)")
     run_name: str = _opt("", "subfolder of output-dir; empty = a timestamp")
@@ -126,6 +163,10 @@ class FedgeConfig:
                 f"min-available-nodes ({self.min_available_nodes}) must be at least "
                 f"min-train-nodes ({self.min_train_nodes})"
             )
+        if self.dp_adaptive_clipping and self.dp_mode != "central":
+            raise ConfigError("dp-adaptive-clipping=true needs dp-mode='central'")
+        if self.dp_mode == "distributed" and self.edge_clients:
+            raise ConfigError("dp-mode='distributed' does not support edge-clients yet; set 0")
 
     def to_run_config(self) -> dict[str, Any]:
         """Kebab-case dict, as in pyproject.toml (also what a checkpoint records)."""

@@ -368,26 +368,29 @@ def test_wrong_but_wellformed_share_aborts_instead_of_a_wrong_sum(kind: str) -> 
         rnd.run()
 
 
-JUNK = [None, "junk", 1.5, -1, [None], {}, np.zeros(3, np.float32), b"\x00" * 7]
+REPLY_KEYS = {
+    Stage.SETUP: ["stage", "pk_enc", "pk_mask", "seed_commitment"],
+    Stage.SHARE_KEYS: ["stage", "receivers", "ciphertexts"],
+    Stage.MASKED_INPUT: ["stage", "rejected", "masked"],
+    Stage.UNMASK: ["stage", "seed_shares", "key_shares"],
+}
+DELETE = object()
+JUNK = [DELETE, None, "junk", 1.5, -1, 2**64, True, [None], {}, np.zeros(3, np.float32), b"\0" * 7]
+FUZZ_CASES = [
+    (stage, key, junk) for stage, keys in REPLY_KEYS.items() for key in keys for junk in JUNK
+]
 
 
-@settings(max_examples=40, deadline=None)
-@given(
-    stage=st.sampled_from(list(Stage)),
-    junk=st.sampled_from(JUNK),
-    which=st.integers(0, 10),
-    delete=st.booleans(),
-)
-def test_fuzzed_reply_never_crashes_the_server(
-    stage: Stage, junk: object, which: int, delete: bool
-) -> None:
+@pytest.mark.parametrize(("stage", "key", "junk"), FUZZ_CASES)
+def test_fuzzed_reply_field_never_crashes_the_server(stage: Stage, key: str, junk: object) -> None:
+    """Junk in any reply field drops the sender (or voids its unmask reply), nothing more."""
     rnd = make_round(n=5, num_shares=5, threshold=3, length=20)
     culprit = min(rnd.server.params.participants)
 
     def fuzz(s: Stage, replies: dict[int, Payload]) -> None:
         if s is stage:
-            key = sorted(replies[culprit])[which % len(replies[culprit])]
-            if delete:
+            assert sorted(replies[culprit]) == sorted(REPLY_KEYS[stage])
+            if junk is DELETE:
                 del replies[culprit][key]
             else:
                 replies[culprit][key] = junk  # type: ignore[assignment]
@@ -401,6 +404,22 @@ def test_fuzzed_reply_never_crashes_the_server(
     else:
         assert culprit in result.dropped
     rnd.check(result, survivors)
+
+
+@pytest.mark.parametrize("stage", list(Stage))
+@pytest.mark.parametrize("junk", [None, [], "reply", np.zeros(3, np.uint32)])
+def test_non_mapping_reply_drops_its_sender(stage: Stage, junk: object) -> None:
+    rnd = make_round(n=4, num_shares=4, threshold=3, length=5)
+    culprit = min(rnd.server.params.participants)
+
+    def replace(s: Stage, replies: dict[int, Payload]) -> None:
+        if s is stage:
+            replies[culprit] = junk  # type: ignore[assignment]
+
+    rnd.tamper = replace
+    result = rnd.run()
+    faults = result.unmask_faults if stage is Stage.UNMASK else result.dropped
+    assert "mapping" in faults[culprit]
 
 
 def test_server_methods_must_run_in_order() -> None:

@@ -48,3 +48,8 @@ def local_data(config: FedgeConfig, context: Context) -> LocalData:
         config.classes_per_client,
     )
     return LocalData(partition_id, model_spec_for(config, bundle), x_train, y_train, x_val, y_val)
+
+
+def local_seed(config: FedgeConfig, partition_id: int, server_round: int) -> int:
+    """Distinct per node and round, reproducible from the run's seed."""
+    return config.seed * 1_000_003 + partition_id * 1009 + server_round

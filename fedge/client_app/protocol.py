@@ -7,3 +7,25 @@ weights, so fedge's ClientApp also serves Flower's stock strategies."""
 EDGE_NODE_KEY = "edge"
 """Node-config flag (`--node-config "edge=true"`): this SuperNode runs the
 torch-free edge learner instead of PyTorch training."""
+
+CLIP_KEY = "dp-clip"
+"""Train-config key: the L2 norm clients clip their update to (DP modes)."""
+
+NOISE_MULTIPLIER_KEY = "dp-noise-multiplier"
+MIN_CLIENTS_KEY = "dp-min-clients"
+"""Train-config keys (distributed DP): each client adds N(0, σ²C²/m_min) itself."""
+
+UNCLIPPED_KEY = "dp-unclipped"
+"""Reply metric: 1 if the update norm was within the clip norm (adaptive clipping)."""
+
+LOCAL_EPSILON_KEY = "local-epsilon"
+DECLINED_KEY = "declined"
+"""Reply metrics (local DP-SGD): the node's ε so far; 1 if it declined to train."""
+
+WEIGHT_KEY = "num-examples"
+"""Reply metric: the examples behind an update (its aggregation weight)."""
+
+UPDATE_INFO_KEY = "update-info"
+PARTIAL_KEY = "partial-update"
+"""Reply ConfigRecord and flag: the update covers only some arrays (e.g. an edge
+client's classifier head); the others are left to the clients that sent them."""

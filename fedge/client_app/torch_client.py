@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
-import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+import logging
+from dataclasses import dataclass
 
-from fedge.client_app.local_data import LocalData, local_data
-from fedge.client_app.protocol import REPLY_KEY
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fedge.client_app.local_data import LocalData, local_data, local_seed
+from fedge.client_app.privatize import privatize_update
+from fedge.client_app.protocol import DECLINED_KEY, LOCAL_EPSILON_KEY, REPLY_KEY, WEIGHT_KEY
 from fedge.config import FedgeConfig
 from fedge.models import build_model, load_numpy_state, state_to_numpy
 from fedge.models.training import evaluate as evaluate_model
 from fedge.models.training import make_loader, train_epochs
 from fedge.records import NamedArrays, from_array_record, to_array_record
+
+LOCAL_DP_STATE = "local-dp"
+"""context.state record holding this node's Opacus accountant across rounds."""
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    arrays: NamedArrays | None  # None: declined (local privacy budget spent)
+    loss: float
+    local_epsilon: float | None = None
+    accountant_state: bytes | None = None
 
 
 def _make_optimizer(config: FedgeConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -21,30 +38,91 @@ def _make_optimizer(config: FedgeConfig, model: torch.nn.Module) -> torch.optim.
 
 
 def train_locally(
-    config: FedgeConfig, data: LocalData, global_arrays: NamedArrays, server_round: int
-) -> tuple[NamedArrays, float]:
-    """Local epochs from the global weights; returns the new weights and last-epoch loss."""
-    seed = config.seed * 1_000_003 + data.partition_id * 1009 + server_round
+    config: FedgeConfig,
+    data: LocalData,
+    global_arrays: NamedArrays,
+    server_round: int,
+    accountant_state: bytes | None = None,
+) -> LocalResult:
+    """Local epochs from the global weights, with Opacus DP-SGD when `local-dp` is on.
+
+    With local DP the node's accountant continues from `accountant_state`, so
+    its ε covers every round it trained in; past `local-dp-max-epsilon` it declines.
+    """
+    seed = local_seed(config, data.partition_id, server_round)
     torch.manual_seed(seed)
     model = build_model(data.spec)
     load_numpy_state(model, global_arrays)
     loader = make_loader(data.x_train, data.y_train, config.batch_size, shuffle=True, seed=seed)
-    loss = train_epochs(
-        model, loader, _make_optimizer(config, model), config.local_epochs, config.proximal_mu
-    )
-    return state_to_numpy(model), loss
+    optimizer = _make_optimizer(config, model)
+    if not config.local_dp:
+        loss = train_epochs(model, loader, optimizer, config.local_epochs, config.proximal_mu)
+        return LocalResult(state_to_numpy(model), loss)
+
+    from fedge.privacy.local_dp import local_epsilon, local_would_exceed, make_local_dp
+
+    budget = config.local_dp_max_epsilon
+    if budget > 0 and local_would_exceed(
+        accountant_state,
+        delta=config.dp_delta,
+        max_epsilon=budget,
+        noise_multiplier=config.local_dp_noise_multiplier,
+        sample_rate=1 / len(loader),
+        steps=config.local_epochs * len(loader),
+    ):
+        spent = local_epsilon(accountant_state, config.dp_delta)
+        logger.warning(
+            "declining round %s: training would take local ε from %.3f past %.3f",
+            server_round,
+            spent,
+            budget,
+        )
+        return LocalResult(None, float("nan"), spent, accountant_state)
+    with make_local_dp(
+        model,
+        optimizer,
+        loader,
+        noise_multiplier=config.local_dp_noise_multiplier,
+        max_grad_norm=config.local_dp_max_grad_norm,
+        accountant_state=accountant_state,
+    ) as private:
+        loss = train_epochs(
+            private.model,
+            private.data_loader,
+            private.optimizer,
+            config.local_epochs,
+            config.proximal_mu,
+        )
+        return LocalResult(
+            state_to_numpy(model), loss, private.epsilon(config.dp_delta), private.state_bytes()
+        )
 
 
 def train(msg: Message, context: Context, config: FedgeConfig) -> Message:
     data = local_data(config, context)
     global_arrays = from_array_record(msg.content.array_records["arrays"])
     train_config = msg.content.config_records["config"]
-    new_arrays, loss = train_locally(
-        config, data, global_arrays, int(train_config.get("server-round", 0))
+    stored = context.state.config_records.get(LOCAL_DP_STATE)
+    result = train_locally(
+        config,
+        data,
+        global_arrays,
+        int(train_config.get("server-round", 0)),
+        stored.get("accountant") if stored else None,  # type: ignore[arg-type]
     )
+    metrics = MetricRecord({WEIGHT_KEY: len(data.y_train)})
+    if result.accountant_state is not None:
+        context.state[LOCAL_DP_STATE] = ConfigRecord({"accountant": result.accountant_state})
+        metrics[LOCAL_EPSILON_KEY] = float(result.local_epsilon or 0.0)
+    if result.arrays is None:
+        metrics[DECLINED_KEY] = 1
+        return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    new_arrays = result.arrays
     if train_config.get(REPLY_KEY) == "update":
         new_arrays = {k: new_arrays[k] - global_arrays[k] for k in new_arrays}
-    metrics = MetricRecord({"train-loss": loss, "num-examples": len(data.y_train)})
+        new_arrays, privacy_metrics = privatize_update(new_arrays, train_config)
+        metrics.update(privacy_metrics)
+    metrics["train-loss"] = result.loss
     content = RecordDict({"arrays": to_array_record(new_arrays), "metrics": metrics})
     return Message(content=content, reply_to=msg)
 
@@ -55,6 +133,6 @@ def evaluate(msg: Message, context: Context, config: FedgeConfig) -> Message:
     load_numpy_state(model, from_array_record(msg.content.array_records["arrays"]))
     loss, accuracy = evaluate_model(model, data.x_val, data.y_val)
     metrics = MetricRecord(
-        {"val-loss": loss, "val-accuracy": accuracy, "num-examples": len(data.y_val)}
+        {"val-loss": loss, "val-accuracy": accuracy, WEIGHT_KEY: len(data.y_val)}
     )
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

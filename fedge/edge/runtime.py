@@ -31,9 +31,12 @@ class EdgeModel:
     error say what the model expects and how to fix the input.
     """
 
-    def __init__(self, path: Path | str, threads: int | None = None) -> None:
+    def __init__(
+        self, path: Path | str, threads: int | None = None, model_bytes: bytes | None = None
+    ) -> None:
+        """Load `path`, or `model_bytes` when given (then `path` only names it in messages)."""
         self.path = Path(path)
-        if not self.path.is_file():
+        if model_bytes is None and not self.path.is_file():
             raise FileNotFoundError(
                 f"no ONNX model at {self.path}; create one with `fedge export CHECKPOINT --out DIR`"
             )
@@ -45,7 +48,9 @@ class EdgeModel:
         self.threads = threads
         try:
             self.session = ort.InferenceSession(
-                str(self.path), options, providers=["CPUExecutionProvider"]
+                str(self.path) if model_bytes is None else model_bytes,
+                options,
+                providers=["CPUExecutionProvider"],
             )
         # onnxruntime raises its own pybind exception types for unreadable models.
         except Exception as exc:
@@ -64,6 +69,13 @@ class EdgeModel:
         batch = model_input.shape[0]
         self.batch_dim: int | None = batch if isinstance(batch, int) else None
         self.sample_shape: tuple[int, ...] = tuple(model_input.shape[1:])
+
+    @classmethod
+    def from_bytes(
+        cls, model: bytes, name: str = "<in-memory model>", threads: int | None = None
+    ) -> EdgeModel:
+        """A model received over the network (e.g. the server's backbone), never written to disk."""
+        return cls(name, threads, model_bytes=model)
 
     def _describe_input(self) -> str:
         batch = "N" if self.batch_dim is None else str(self.batch_dim)

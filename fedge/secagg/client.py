@@ -21,6 +21,7 @@ from fedge.secagg.crypto import (
     KEY_BYTES,
     decrypt_share,
     encrypt_share,
+    expand_mask,
     generate_private_key,
     pairwise_mask,
     public_key,
@@ -225,7 +226,7 @@ def client_masked_input(
             f"only {1 + len(accepted)} share holders left, threshold {params.threshold}"
         )
     length = params.vector_length + 1
-    masked = encoded + 0
+    masked = encoded + expand_mask(state.seed, length)
     for sender in accepted:  # no mask with rejected senders: the server drops them
         masked += pairwise_mask(
             state.mask_private,

@@ -61,7 +61,7 @@ def upload_bytes_per_client(vector_length: int, num_shares: int) -> int:
 def expect_stage(payload: Mapping[str, object], stage: Stage) -> None:
     """Refuse a message meant for another stage (replayed or out of order)."""
     got = _field(payload, STAGE_KEY)
-    if got != stage.value:
+    if not isinstance(got, str) or got != stage.value:
         raise ProtocolError(f"expected stage {stage.value!r}, got {_describe(got)}")
 
 

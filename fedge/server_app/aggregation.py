@@ -30,6 +30,15 @@ def weighted_mean(updates: list[NamedArrays], weights: list[float]) -> NamedArra
     return {name: total / totals[name] for name, total in sums.items()}
 
 
+def summed(updates: list[NamedArrays]) -> NamedArrays:
+    """Σ Δ_k per array name in float64 (equal weights: what DP noise is calibrated to)."""
+    total: NamedArrays = {}
+    for update in updates:
+        for name, value in update.items():
+            total[name] = total.get(name, 0.0) + value.astype(np.float64)
+    return total
+
+
 def apply_update(
     global_arrays: NamedArrays,
     mean_update: NamedArrays,

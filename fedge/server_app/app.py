@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from functools import partial
 from logging import INFO, WARNING
 
 import numpy as np
@@ -12,15 +14,34 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedge.config import FedgeConfig
-from fedge.models import build_model, save_model, state_to_numpy
-from fedge.records import to_array_record
+from fedge.data import DatasetBundle
+from fedge.edge.broadcast import backbone_payload
+from fedge.models import ModelSpec, build_model, save_model, state_to_numpy
+from fedge.records import NamedArrays, to_array_record
 from fedge.server_app.plotting import plot_metrics
+from fedge.server_app.privacy import BudgetExhausted, ServerPrivacy
 from fedge.server_app.recorder import RoundRecorder
 from fedge.server_app.run_folder import RunFolder, restore_rng_state
 from fedge.server_app.strategy import FedgeAvg
 from fedge.task import dataset_for, model_spec_for
 
 app = ServerApp()
+
+
+def edge_backbone_exporter(
+    config: FedgeConfig, spec: ModelSpec, bundle: DatasetBundle
+) -> Callable[[NamedArrays], bytes] | None:
+    """What edge clients get each round: the global backbone as fp32 or int8 ONNX.
+
+    int8 calibrates on a slice of the held-out split, the public side of the data.
+    """
+    kind = config.edge_backbone
+    if kind == "auto":
+        kind = "fp32" if config.edge_clients > 0 else "off"
+    if kind == "off":
+        return None
+    calibration = bundle.x_test[:256] if kind == "int8" else None
+    return partial(backbone_payload, spec, int8=kind == "int8", x_calib=calibration)
 
 
 @app.main()
@@ -33,7 +54,9 @@ def main(grid: Grid, context: Context) -> None:
     bundle = dataset_for(config)
     spec = model_spec_for(config, bundle)
 
+    privacy = None if config.dp_mode == "none" else ServerPrivacy(config, config.min_train_nodes)
     strategy = FedgeAvg(
+        privacy=privacy,
         server_lr=config.server_lr,
         server_momentum=config.server_momentum,
         fraction_train=config.fraction_train,
@@ -41,6 +64,7 @@ def main(grid: Grid, context: Context) -> None:
         min_train_nodes=config.min_train_nodes,
         min_evaluate_nodes=config.min_train_nodes,
         min_available_nodes=config.min_available_nodes,
+        edge_backbone=edge_backbone_exporter(config, spec, bundle),
     )
     if config.resume:
         checkpoint = folder.load_checkpoint()
@@ -48,6 +72,8 @@ def main(grid: Grid, context: Context) -> None:
         strategy.rounds_done = checkpoint.round
         strategy.velocity = checkpoint.strategy_arrays.get("velocity")
         restore_rng_state(checkpoint.state["rng"])
+        if privacy is not None and "privacy" in checkpoint.state:
+            privacy.restore(checkpoint.state["privacy"])
         folder.keep_metrics_through(checkpoint.round)
         changed = sorted(
             k
@@ -66,17 +92,23 @@ def main(grid: Grid, context: Context) -> None:
     )
     remaining = config.num_server_rounds - strategy.rounds_done
     if remaining > 0:
-        strategy.start(
-            grid=grid,
-            initial_arrays=to_array_record(arrays),
-            num_rounds=remaining,
-            timeout=config.round_timeout,
-            evaluate_fn=recorder,
-        )
+        try:
+            strategy.start(
+                grid=grid,
+                initial_arrays=to_array_record(arrays),
+                num_rounds=remaining,
+                timeout=config.round_timeout,
+                evaluate_fn=recorder,
+            )
+        except BudgetExhausted as stop:
+            log(WARNING, "fedge: stopping early: %s", stop)
         arrays = recorder.last_arrays
     else:
         log(INFO, "fedge: all %s rounds already done", config.num_server_rounds)
 
+    if privacy is not None:
+        folder.write_json("privacy.json", privacy.report())
+        log(INFO, "fedge: ε=%.4g at δ=%g (privacy.json)", privacy.epsilon(), config.dp_delta)
     save_model(folder.path / "final_model.pt", spec, arrays)
     plot_metrics(folder.read_metrics(), folder.path / "metrics.png")
     log(INFO, "fedge: wrote final_model.pt, metrics.jsonl and metrics.png to %s", folder.path)

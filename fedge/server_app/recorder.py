@@ -66,6 +66,12 @@ class RoundRecorder:
             "aggregated": report.aggregated,
             "seconds": round(now - self._last_time, 4),
         }
+        if self.strategy.privacy is not None:
+            row["epsilon"] = self.strategy.privacy.epsilon()
+        if report.client_epsilons:
+            row["client_epsilon_max"] = max(report.client_epsilons)
+            row["client_epsilon_mean"] = sum(report.client_epsilons) / len(report.client_epsilons)
+            row["num_declined"] = report.num_declined
         row.update({key.replace("-", "_"): value for key, value in report.val_metrics.items()})
         self._last_time = now
         self.folder.save_checkpoint(
@@ -75,7 +81,7 @@ class RoundRecorder:
         log(
             INFO,
             "fedge: round %s/%s  test_accuracy=%.4f  test_loss=%.4f  train_loss=%s  "
-            "replies=%s  rejected=%s  (%.1f s)",
+            "replies=%s  rejected=%s%s  (%.1f s)",
             absolute,
             self.total_rounds,
             accuracy,
@@ -83,6 +89,7 @@ class RoundRecorder:
             "n/a" if report.train_loss is None else f"{report.train_loss:.4f}",
             report.num_replies,
             report.num_rejected,
+            f"  ε={row['epsilon']:.3f}" if "epsilon" in row else "",
             row["seconds"],
         )
         return MetricRecord({"test-loss": loss, "test-accuracy": accuracy})
@@ -91,4 +98,7 @@ class RoundRecorder:
         return {"velocity": self.strategy.velocity} if self.strategy.velocity else {}
 
     def checkpoint_state(self) -> dict[str, Any]:
-        return {"rng": rng_state(), "run_config": self.run_config}
+        state: dict[str, Any] = {"rng": rng_state(), "run_config": self.run_config}
+        if self.strategy.privacy is not None:
+            state["privacy"] = self.strategy.privacy.state()
+        return state

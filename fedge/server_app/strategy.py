@@ -6,32 +6,44 @@ Flower's own round loop (`Strategy.start`) drives it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from fedge.client_app.protocol import REPLY_KEY
+from fedge.client_app.protocol import (
+    DECLINED_KEY,
+    LOCAL_EPSILON_KEY,
+    REPLY_KEY,
+    UNCLIPPED_KEY,
+    WEIGHT_KEY,
+)
+from fedge.edge.broadcast import BACKBONE_KEY
 from fedge.records import NamedArrays, from_array_record, to_array_record
-from fedge.server_app.aggregation import apply_update, weighted_mean
-from fedge.server_app.validation import WEIGHT_KEY, rejection_reason
+from fedge.server_app.aggregation import apply_update, summed, weighted_mean
+from fedge.server_app.privacy import ServerPrivacy
+from fedge.server_app.validation import rejection_reason
 
 
 @dataclass
 class RoundReport:
     """What happened to the replies of one training round (for metrics.jsonl)."""
 
+    num_sampled: int = 0
     num_replies: int = 0
     num_rejected: int = 0
+    num_declined: int = 0
     rejected: dict[int, str] = field(default_factory=dict)
     train_loss: float | None = None
     aggregated: bool = False
+    epsilon: float | None = None
+    client_epsilons: list[float] = field(default_factory=list)
     val_metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -48,12 +60,16 @@ class FedgeAvg(FedAvg):
         server_lr: float = 1.0,
         server_momentum: float = 0.0,
         rounds_done: int = 0,
+        privacy: ServerPrivacy | None = None,
+        edge_backbone: Callable[[NamedArrays], bytes] | None = None,
         **fedavg_kwargs: object,
     ) -> None:
         super().__init__(weighted_by_key=WEIGHT_KEY, **fedavg_kwargs)  # type: ignore[arg-type]
         self.server_lr = server_lr
         self.server_momentum = server_momentum
         self.rounds_done = rounds_done
+        self.privacy = privacy
+        self.edge_backbone = edge_backbone
         self.velocity: NamedArrays | None = None
         self.current_arrays: NamedArrays = {}
         self.report = RoundReport()
@@ -67,17 +83,49 @@ class FedgeAvg(FedAvg):
         self.current_arrays = from_array_record(arrays)
         self.report = RoundReport()
         config[REPLY_KEY] = "update"
-        return super().configure_train(self.absolute_round(server_round), arrays, config, grid)
+        self.add_edge_backbone(config, self.current_arrays)
+        if self.privacy is not None:
+            for key, value in self.privacy.client_config().items():
+                config[key] = value
+        absolute = self.absolute_round(server_round)
+        messages = list(super().configure_train(absolute, arrays, config, grid))
+        self.report.num_sampled = len(messages)
+        if self.privacy is not None and messages:
+            self.privacy.start_round(absolute, len(messages), len(list(grid.get_node_ids())))
+        return messages
+
+    def add_edge_backbone(self, config: ConfigRecord, arrays: NamedArrays) -> None:
+        """Edge clients train only the head, on features of the current global backbone."""
+        if self.edge_backbone is not None:
+            config[BACKBONE_KEY] = self.edge_backbone(arrays)
+
+    def rejection(self, reply: Message) -> str | None:
+        reason = rejection_reason(reply, self.current_arrays)
+        if reason is None and self.privacy is not None:
+            reason = self.privacy.clip_violation(
+                from_array_record(reply.content.array_records["arrays"])
+            )
+        return reason
 
     def accepted_replies(self, replies: Iterable[Message]) -> list[Message]:
-        """Replies that pass validation; the others are logged with their reason."""
+        """Replies that pass validation; the others are logged with their reason.
+
+        A client past its local privacy budget declines: that is counted, not rejected.
+        """
         accepted = []
         for reply in replies:
-            reason = rejection_reason(reply, self.current_arrays)
+            node = reply.metadata.src_node_id
+            metrics = {} if reply.has_error() else reply.content.metric_records.get("metrics", {})
+            if isinstance(metrics.get(LOCAL_EPSILON_KEY), (int, float)):
+                self.report.client_epsilons.append(float(metrics[LOCAL_EPSILON_KEY]))
+            if metrics.get(DECLINED_KEY) == 1:
+                self.report.num_declined += 1
+                log(INFO, "Node %s declined to train: its local privacy budget is spent", node)
+                continue
+            reason = self.rejection(reply)
             if reason is None:
                 accepted.append(reply)
                 continue
-            node = reply.metadata.src_node_id
             self.report.rejected[node] = reason
             log(WARNING, "Dropped reply from node %s: %s", node, reason)
         self.report.num_replies = len(accepted)
@@ -99,11 +147,9 @@ class FedgeAvg(FedAvg):
             )
             return None, None
         contents = [reply.content for reply in accepted]
-        updates = [from_array_record(c.array_records["arrays"]) for c in contents]
-        weights = [float(c.metric_records["metrics"][WEIGHT_KEY]) for c in contents]
         new_arrays, self.velocity = apply_update(
             self.current_arrays,
-            weighted_mean(updates, weights),
+            self.mean_update(self.absolute_round(server_round), contents),
             self.server_lr,
             self.server_momentum,
             self.velocity,
@@ -115,9 +161,24 @@ class FedgeAvg(FedAvg):
         log(INFO, "Aggregated %s updates (%s rejected)", len(accepted), self.report.num_rejected)
         return to_array_record(new_arrays), metrics
 
+    def mean_update(self, server_round: int, contents: list[RecordDict]) -> NamedArrays:
+        """Σ(n_k/n)Δ_k; under central DP the noised equal-weight sum over the sampled count."""
+        updates = [from_array_record(c.array_records["arrays"]) for c in contents]
+        if self.privacy is None:
+            weights = [float(c.metric_records["metrics"][WEIGHT_KEY]) for c in contents]
+            return weighted_mean(updates, weights)
+        noised = self.privacy.central_noise(summed(updates))
+        mean = {name: value / self.report.num_sampled for name, value in noised.items()}
+        unclipped = sum(int(c.metric_records["metrics"].get(UNCLIPPED_KEY, 0)) for c in contents)
+        self.report.epsilon = self.privacy.finish_round(
+            server_round, len(contents), self.report.num_sampled, unclipped
+        )
+        return mean
+
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self.add_edge_backbone(config, from_array_record(arrays))
         return super().configure_evaluate(self.absolute_round(server_round), arrays, config, grid)
 
     def aggregate_evaluate(

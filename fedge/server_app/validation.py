@@ -9,12 +9,8 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Message
 
+from fedge.client_app.protocol import PARTIAL_KEY, UPDATE_INFO_KEY, WEIGHT_KEY
 from fedge.records import NamedArrays, from_array_record
-
-WEIGHT_KEY = "num-examples"
-PARTIAL_KEY = "partial-update"
-"""Reply ConfigRecord flag: the update covers only some arrays (e.g. an edge
-client's classifier head); the others are left to the clients that sent them."""
 
 
 def rejection_reason(reply: Message, reference: NamedArrays) -> str | None:
@@ -37,7 +33,7 @@ def rejection_reason(reply: Message, reference: NamedArrays) -> str | None:
 
 
 def is_partial(reply: Message) -> bool:
-    info = reply.content.config_records.get("update-info")
+    info = reply.content.config_records.get(UPDATE_INFO_KEY)
     return bool(info is not None and info.get(PARTIAL_KEY) is True)
 
 

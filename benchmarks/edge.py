@@ -1,0 +1,373 @@
+"""Edge deployment side by side: fp32 vs int8 ONNX size, accuracy and latency, and a head step.
+
+For each input size (digits at 8x8, and the same digits upsampled to 28x28 and 64x64 to
+show how the picture changes with more compute per sample) the script trains fedge's
+SmallCNN centrally for a few epochs, exports it with `fedge.edge.export.export_model`
+(static QDQ int8 and dynamic int8), and reports in one JSON on stdout:
+
+- int8/fp32 ONNX file size ratio (target <= 0.27),
+- held-out accuracy of fp32 ONNX vs int8 (target: drop <= 1.0 point),
+- batch-1 and batch-32 latency of torch fp32 eager, onnxruntime fp32 and int8 (static,
+  dynamic), measured interleaved in one process, one thread each (target: int8 >= 2x
+  faster than torch fp32 at batch 1),
+- the op types onnxruntime actually runs for each int8 model (after its graph
+  optimizations), which explains the latency,
+- one on-device head update (int8 backbone features + one `HeadLearner.train` epoch on
+  one client's partition), timed in a fresh torch-free subprocess with its peak memory.
+
+Usage: `python benchmarks/edge.py [--sizes 8 28 64] [--out result.json]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from torch import nn
+
+HEAD_STEP_FLAG = "--head-step"
+TARGETS = {"size_ratio_max": 0.27, "accuracy_drop_max_pts": 1.0, "int8_speedup_min": 2.0}
+NUM_CLIENTS = 10
+TRAIN_EPOCHS = {8: 12, 28: 8, 64: 5}
+
+
+# --- torch-free head step (runs in a subprocess, like a device would) ----------------
+
+
+def memory_mb() -> dict[str, float | None]:
+    """This process's resident memory now and its peak (VmRSS, VmHWM), in MiB.
+
+    VmHWM belongs to this process image only, unlike `ru_maxrss`, which on Linux also
+    counts the parent's pages a forked child held before exec.
+    """
+    values: dict[str, float | None] = {"rss_mb": None, "peak_rss_mb": None}
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    name = "rss_mb" if key == "VmRSS" else "peak_rss_mb"
+                    values[name] = round(int(rest.split()[0]) / 1024, 2)
+    except OSError:  # not Linux
+        pass
+    return values
+
+
+def head_step(folder: Path) -> dict[str, Any]:
+    """One edge head update as fedge's edge client does it: backbone bytes → features → train.
+
+    Imports only numpy, onnxruntime and fedge's torch-free edge modules.
+    """
+    from fedge.edge.head import HeadLearner, extract_features
+    from fedge.edge.runtime import EdgeModel
+
+    after_imports = memory_mb()
+    with np.load(folder / "client.npz") as data:
+        x, y = data["x"], data["y"]
+    payload = (folder / "backbone.int8.onnx").read_bytes()
+    t0 = time.perf_counter()
+    backbone = EdgeModel.from_bytes(payload, name="backbone.int8.onnx", threads=1)
+    learner = HeadLearner.load(folder / "head.npz")
+    t1 = time.perf_counter()
+    features = extract_features(backbone, x)
+    t2 = time.perf_counter()
+    stats = learner.train(features, y, epochs=1, lr=0.05, batch_size=32, seed=0)
+    t3 = time.perf_counter()
+    after_step = memory_mb()
+    # A second, identical epoch under tracemalloc: numpy's own allocations for the step.
+    tracemalloc.start()
+    learner.train(extract_features(backbone, x), y, epochs=1, lr=0.05, batch_size=32, seed=0)
+    _, traced_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return {
+        "num_examples": len(y),
+        "backbone_bytes": len(payload),
+        "load_ms": round((t1 - t0) * 1000, 3),
+        "features_ms": round((t2 - t1) * 1000, 3),
+        "train_epoch_ms": round((t3 - t2) * 1000, 3),
+        "total_ms": round((t3 - t0) * 1000, 3),
+        "steps": stats["steps"],
+        "loss_before": round(stats["loss_before"], 4),
+        "loss_after": round(stats["loss_after"], 4),
+        "rss_after_imports_mb": after_imports["rss_mb"],
+        "rss_after_step_mb": after_step["rss_mb"],
+        "peak_rss_mb": after_step["peak_rss_mb"],
+        "python_heap_peak_mb": round(traced_peak / 2**20, 3),
+        "torch_loaded": sys.modules.get("torch") is not None,
+    }
+
+
+def run_head_step(folder: Path) -> dict[str, Any]:
+    """`head_step` in a fresh interpreter with torch blocked, so its memory is the device's."""
+    code = (
+        "import sys, json, runpy; sys.modules['torch'] = None; sys.modules['onnx'] = None; "
+        f"mod = runpy.run_path({str(Path(__file__).resolve())!r}); "
+        f"print(json.dumps(mod['head_step'](__import__('pathlib').Path({str(folder)!r}))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=300
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"head step failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- training, export and side-by-side latency (parent process, torch) ---------------
+
+
+def upsample(x: np.ndarray, size: int) -> np.ndarray:
+    """Digits (N, 1, 8, 8) bilinearly resized to (N, 1, size, size)."""
+    import torch
+    import torch.nn.functional as F
+
+    if x.shape[-1] == size:
+        return np.ascontiguousarray(x, dtype=np.float32)
+    t = F.interpolate(torch.from_numpy(np.array(x)), size=(size, size), mode="bilinear")
+    return t.numpy().astype(np.float32)
+
+
+def train_model(
+    x: np.ndarray, y: np.ndarray, num_classes: int, epochs: int, seed: int
+) -> nn.Module:
+    """fedge's SmallCNN trained centrally with the default client optimizer settings."""
+    import torch
+
+    from fedge.models import ModelSpec, build_model
+    from fedge.models.training import make_loader, train_epochs
+
+    torch.manual_seed(seed)
+    model = build_model(ModelSpec("cnn", tuple(x.shape[1:]), num_classes))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    train_epochs(model, make_loader(x, y, 32, shuffle=True, seed=seed), optimizer, epochs)
+    return model.eval()
+
+
+def executed_ops(path: Path) -> dict[str, int]:
+    """Op types of the graph onnxruntime runs after its default (full) optimizations."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        graph = onnx.load(options.optimized_model_filepath).graph
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def interleaved_latency(
+    fns: dict[str, Callable[[np.ndarray], object]],
+    x: np.ndarray,
+    rounds: int,
+    calls: int,
+) -> dict[str, dict[str, float]]:
+    """Per-call ms (median and p90 over `rounds` blocks of `calls` calls), variants interleaved.
+
+    Each round runs every variant once, in a rotating order, so machine noise falls on all
+    of them alike.
+    """
+    names = list(fns)
+    for fn in fns.values():  # warm-up
+        for _ in range(5):
+            fn(x)
+    blocks: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn = fns[name]
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn(x)
+            blocks[name].append((time.perf_counter() - start) / calls * 1000.0)
+    return {
+        name: {
+            "median_ms": round(float(np.median(v)), 4),
+            "p90_ms": round(float(np.percentile(v, 90)), 4),
+        }
+        for name, v in blocks.items()
+    }
+
+
+def run_case(size: int, work: Path, seed: int, rounds: int, quick: bool) -> dict[str, Any]:
+    """Train, export (static and dynamic) and compare one input size."""
+    import torch
+
+    from fedge.data import client_split, load_dataset
+    from fedge.edge.export import export_model
+    from fedge.edge.runtime import EdgeModel
+    from fedge.models import ModelSpec, save_model, state_to_numpy
+
+    bundle = load_dataset("digits", 0.2, seed)
+    x_pool, x_test = upsample(bundle.x_train, size), upsample(bundle.x_test, size)
+    epochs = 2 if quick else TRAIN_EPOCHS.get(size, 5)
+    torch.set_num_threads(1)  # 2 threads made training 5-25x slower on the noisy 2-core box
+    start = time.perf_counter()
+    model = train_model(x_pool, bundle.y_train, bundle.num_classes, epochs, seed)
+    train_s = time.perf_counter() - start
+    case_dir = work / f"cnn_{size}x{size}"
+    spec = ModelSpec("cnn", tuple(x_pool.shape[1:]), bundle.num_classes)
+    checkpoint = case_dir / "model.pt"
+    save_model(checkpoint, spec, state_to_numpy(model))
+
+    # Calibration from the training pool, evaluation on the held-out split: disjoint.
+    calib = x_pool[np.random.default_rng(seed).permutation(len(x_pool))[:256]]
+    reports: dict[str, dict[str, Any]] = {}
+    for method in ("static", "dynamic"):
+        reports[method] = export_model(
+            checkpoint,
+            case_dir / method,
+            calib if method == "static" else None,
+            x_test,
+            bundle.y_test,
+            quantization=method,
+            latency_repeats=5,  # export's own timing; the side-by-side one is below
+        )
+    static, dynamic = reports["static"], reports["dynamic"]
+    sizes = static["size_bytes"]
+    accuracy = {
+        "torch_fp32": static["accuracy"]["torch_fp32"],
+        "onnx_fp32": static["accuracy"]["onnx_fp32"],
+        "onnx_int8_static": static["accuracy"]["onnx_int8"],
+        "onnx_int8_dynamic": dynamic["accuracy"]["onnx_int8"],
+        "edge_split_int8_static": static["accuracy"]["edge_int8_split"],
+    }
+    drop_static = round((accuracy["onnx_fp32"] - accuracy["onnx_int8_static"]) * 100, 2)
+    drop_dynamic = round((accuracy["onnx_fp32"] - accuracy["onnx_int8_dynamic"]) * 100, 2)
+
+    paths = {
+        "onnx_fp32": case_dir / "static" / "model.onnx",
+        "onnx_int8_static": case_dir / "static" / "model.int8.onnx",
+        "onnx_int8_dynamic": case_dir / "dynamic" / "model.int8.onnx",
+    }
+    sessions = {name: EdgeModel(path, threads=1) for name, path in paths.items()}
+
+    def torch_fp32(x: np.ndarray) -> np.ndarray:
+        return model(torch.from_numpy(x)).numpy()
+
+    fns: dict[str, Callable[[np.ndarray], object]] = {"torch_fp32": torch_fp32}
+    fns.update({name: session.forward for name, session in sessions.items()})
+    latency: dict[str, Any] = {}
+    with torch.inference_mode():
+        for batch, calls in ((1, 20), (32, 3)):
+            x = np.ascontiguousarray(x_test[np.arange(batch) % len(x_test)])
+            latency[f"batch_{batch}"] = interleaved_latency(fns, x, rounds, calls)
+    b1 = latency["batch_1"]
+    b32 = latency["batch_32"]
+
+    def speedup(table: dict[str, Any], slow: str, fast: str) -> float:
+        return round(table[slow]["median_ms"] / table[fast]["median_ms"], 3)
+
+    # One client's partition (as in a 10-client simulation) for the on-device head step.
+    x_client, y_client, _, _ = client_split(bundle, 0, NUM_CLIENTS, "dirichlet", seed, 0.1, 0.5, 2)
+    head_dir = case_dir / "static"
+    np.savez(head_dir / "client.npz", x=upsample(x_client, size), y=y_client)
+    head = run_head_step(head_dir)
+
+    return {
+        "input_shape": list(spec.input_shape),
+        "params": int(sum(p.numel() for p in model.parameters())),
+        "train_epochs": epochs,
+        "train_s": round(train_s, 2),
+        "size_bytes": {
+            "onnx_fp32": sizes["onnx_fp32"],
+            "onnx_int8_static": sizes["onnx_int8"],
+            "onnx_int8_dynamic": dynamic["size_bytes"]["onnx_int8"],
+            "backbone_int8_static": sizes["backbone_int8"],
+            "head_npz": sizes["head"],
+        },
+        "size_ratio": {
+            "int8_static_vs_fp32": static["size_ratio_int8"],
+            "int8_dynamic_vs_fp32": dynamic["size_ratio_int8"],
+        },
+        "accuracy": accuracy,
+        "accuracy_drop_pts": {"int8_static": drop_static, "int8_dynamic": drop_dynamic},
+        "latency_ms": latency,
+        "speedup": {
+            "batch_1": {
+                "int8_static_vs_torch_fp32": speedup(b1, "torch_fp32", "onnx_int8_static"),
+                "int8_dynamic_vs_torch_fp32": speedup(b1, "torch_fp32", "onnx_int8_dynamic"),
+                "onnx_fp32_vs_torch_fp32": speedup(b1, "torch_fp32", "onnx_fp32"),
+                "int8_static_vs_onnx_fp32": speedup(b1, "onnx_fp32", "onnx_int8_static"),
+            },
+            "batch_32": {
+                "int8_static_vs_torch_fp32": speedup(b32, "torch_fp32", "onnx_int8_static"),
+                "int8_dynamic_vs_torch_fp32": speedup(b32, "torch_fp32", "onnx_int8_dynamic"),
+                "onnx_fp32_vs_torch_fp32": speedup(b32, "torch_fp32", "onnx_fp32"),
+                "int8_static_vs_onnx_fp32": speedup(b32, "onnx_fp32", "onnx_int8_static"),
+            },
+        },
+        "executed_ops": {name: executed_ops(path) for name, path in paths.items()},
+        "targets": {
+            "size_ratio_met": static["size_ratio_int8"] <= TARGETS["size_ratio_max"],
+            "accuracy_drop_met": drop_static <= TARGETS["accuracy_drop_max_pts"],
+            "int8_speedup_batch1_met": speedup(b1, "torch_fp32", "onnx_int8_static")
+            >= TARGETS["int8_speedup_min"],
+        },
+        "head_step": head,
+        "quantization": {"static": static["quantization"], "dynamic": dynamic["quantization"]},
+    }
+
+
+def machine() -> dict[str, Any]:
+    import onnxruntime as ort
+    import torch
+
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "threads_for_latency": 1,
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[8, 28, 64])
+    parser.add_argument("--rounds", type=int, default=40, help="interleaved timing rounds")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--quick", action="store_true", help="2 training epochs (smoke test)")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    report: dict[str, Any] = {"benchmark": "edge", "machine": machine(), "targets": TARGETS}
+    with tempfile.TemporaryDirectory(prefix="fedge-edge-bench-") as tmp:
+        report["cases"] = {
+            f"cnn_{size}x{size}": run_case(size, Path(tmp), args.seed, args.rounds, args.quick)
+            for size in args.sizes
+        }
+    report["total_s"] = round(time.perf_counter() - started, 1)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == HEAD_STEP_FLAG:
+        print(json.dumps(head_step(Path(sys.argv[2]))))
+    else:
+        main()

@@ -1,0 +1,188 @@
+"""`fedge certs` and `fedge deploy local`: a real Flower deployment, TLS and auth on."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from fedge.deploy.certs import create_certificates, load_server_hosts
+from fedge.deploy.local import DEFAULT_CONNECTION, DEFAULT_DIR, DeploymentError, LocalDeployment
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def reports_errors(command: Command) -> Command:
+    """Print the errors a user can fix as one message and exit 1 (their text names the fix)."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except (OSError, ValueError, DeploymentError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+@reports_errors
+def _certs(args: argparse.Namespace) -> int:
+    report = create_certificates(args.dir, args.hosts, args.nodes, force=args.force, days=args.days)
+    certs = report.certs
+    for path in report.created:
+        print(f"created {path}")
+    for path in report.kept:
+        print(f"kept    {path}")
+    hosts = ", ".join(load_server_hosts(certs.server_cert))
+    print(
+        f"\nThe SuperLink certificate is valid for: {hosts}\n"
+        f"SuperLink:  --ssl-ca-certfile {certs.ca_cert} --ssl-certfile {certs.server_cert} "
+        f"--ssl-keyfile {certs.server_key} --enable-supernode-auth\n"
+        f"SuperNode i: --root-certificates ca.crt --auth-supernode-private-key supernode-i.key\n"
+        f"Register each key once the SuperLink runs: flwr supernode register "
+        f"{certs.directory}/supernode-i.pub <connection>\n"
+        f"Keep {certs.ca_key.name} off the SuperNodes; each Pi needs only ca.crt and its own key."
+    )
+    return 0
+
+
+class _Stop(Exception):
+    """Raised from the SIGTERM/SIGHUP handler so `finally` stops the federation."""
+
+
+def _raise_stop(signum: int, _frame: FrameType | None) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+@reports_errors
+def _deploy_local(args: argparse.Namespace) -> int:
+    deployment = LocalDeployment(
+        args.nodes,
+        args.dir,
+        insecure=args.insecure,
+        port_base=args.port_base,
+        edge_nodes=args.edge_nodes,
+        node_config_extra=args.node_config_extra,
+        connection=args.connection,
+        startup_timeout=args.timeout,
+    )
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        deployment.start()
+        security = "TLS off, SuperNode auth off" if args.insecure else "TLS + SuperNode auth"
+        print(
+            f"SuperLink on {deployment.address} ({security}) with {args.nodes} SuperNodes online; "
+            f"logs in {deployment.logs_dir}\n"
+            "Run the fedge app on it from the project directory:\n",
+            flush=True,
+        )
+        print(deployment.run_command("."), flush=True)
+        print("\nPress Ctrl-C to stop everything.", flush=True)
+        reported: set[str] = set()
+        while True:
+            for problem in deployment.problems():
+                if problem not in reported:
+                    reported.add(problem)
+                    print(f"warning: {problem}", file=sys.stderr, flush=True)
+                if problem.startswith("superlink "):
+                    raise DeploymentError(f"{problem}; stopping the SuperNodes")
+            time.sleep(1.0)
+    except (KeyboardInterrupt, _Stop):
+        print("\nstopping SuperNodes and SuperLink ...", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        # A second Ctrl-C must not cut the shutdown short and leave orphans behind.
+        stopping = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in stopping}
+        try:
+            deployment.stop()
+        finally:
+            for sig, handler in {**saved, **previous}.items():
+                signal.signal(sig, handler)
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `certs` and `deploy local` to the `fedge` command line."""
+    certs = subparsers.add_parser(
+        "certs",
+        help="make a CA, a SuperLink TLS certificate and SuperNode auth keys",
+        description="Create (or complete) the TLS and SuperNode-authentication files of a "
+        "Flower deployment. Existing files are kept and checked; nothing is overwritten "
+        "without --force.",
+    )
+    certs.add_argument("dir", type=Path, help="output folder, e.g. certs/")
+    certs.add_argument(
+        "--hosts",
+        nargs="+",
+        default=[],
+        metavar="HOST",
+        help="names/IPs SuperNodes use to reach the SuperLink, e.g. 192.168.1.10 "
+        "superlink.local (127.0.0.1 and localhost are always included)",
+    )
+    certs.add_argument(
+        "--nodes", type=int, default=0, help="SuperNode key pairs supernode-0..N-1 to create"
+    )
+    certs.add_argument(
+        "--days", type=int, default=365, help="validity of the SuperLink certificate"
+    )
+    certs.add_argument(
+        "--force",
+        action="store_true",
+        help="reissue the CA, server certificate and keys (every SuperNode then needs the "
+        "new ca.crt and re-registered keys)",
+    )
+    certs.set_defaults(func=_certs)
+
+    deploy = subparsers.add_parser("deploy", help="run real Flower deployments")
+    commands = deploy.add_subparsers(dest="deploy_command", required=True)
+    local = commands.add_parser(
+        "local",
+        help="start a SuperLink and N SuperNodes on 127.0.0.1 (TLS and auth on)",
+        description="Start flower-superlink and N flower-supernode processes on 127.0.0.1, "
+        "with TLS and SuperNode authentication unless --insecure, and print the "
+        "`flwr run` command that uses them. Ctrl-C stops everything.",
+    )
+    local.add_argument("--nodes", type=int, default=2, help="SuperNodes to start")
+    local.add_argument(
+        "--insecure", action="store_true", help="plain HTTP and no SuperNode auth (debug only)"
+    )
+    local.add_argument(
+        "--dir",
+        type=Path,
+        default=Path(DEFAULT_DIR),
+        help="certs, logs and FLWR_HOME go here (default: %(default)s)",
+    )
+    local.add_argument(
+        "--port-base",
+        type=int,
+        default=8000,
+        help="SuperLink port; SuperNode i uses port-base+1+i; 0 picks free ports "
+        "(default: %(default)s)",
+    )
+    local.add_argument(
+        "--edge-nodes",
+        type=int,
+        default=0,
+        help="mark the last K SuperNodes edge=true (torch-free edge learner)",
+    )
+    local.add_argument(
+        "--node-config-extra",
+        default="",
+        metavar="'K=V ...'",
+        help="added to every SuperNode's --node-config, e.g. 'site=\"lab\"'",
+    )
+    local.add_argument(
+        "--connection",
+        default=DEFAULT_CONNECTION,
+        help="name of the connection written to <dir>/flwr-home/config.toml",
+    )
+    local.add_argument(
+        "--timeout", type=float, default=180.0, help="seconds to wait for everything to start"
+    )
+    local.set_defaults(func=_deploy_local)
