@@ -101,6 +101,18 @@ class FedgeConfig:
         choices=("auto", "off", "fp32", "int8"),
     )
     seed: int = _opt(42, "seed for data splits, init and sampling", low=0)
+    # Secure aggregation (SecAgg+)
+    secagg: bool = _opt(False, "SecAgg+: the server only learns the sum of the updates")
+    secagg_num_shares: int = _opt(
+        0, "neighbours per client incl. itself (odd); 0 = all sampled", low=0
+    )
+    secagg_threshold: int = _opt(
+        0, "shares needed to reconstruct; 0 = about 2/3 of num-shares", low=0
+    )
+    secagg_max_weight: int = _opt(1000, "public cap on n_k in the secure weighted sum", low=1)
+    secagg_clip_norm: float = _opt(
+        10.0, "without DP, clients clip Δ to this L2 norm for quantization", low=0, low_open=True
+    )
     # Differential privacy (server side: central or distributed noise on client updates)
     dp_mode: str = _opt("none", "update-level DP", choices=("none", "central", "distributed"))
     dp_noise_multiplier: float = _opt(1.0, "sigma: noise std / clipping norm", low=0, low_open=True)
@@ -165,8 +177,20 @@ class FedgeConfig:
             )
         if self.dp_adaptive_clipping and self.dp_mode != "central":
             raise ConfigError("dp-adaptive-clipping=true needs dp-mode='central'")
-        if self.dp_mode == "distributed" and self.edge_clients:
-            raise ConfigError("dp-mode='distributed' does not support edge-clients yet; set 0")
+        if self.dp_mode == "distributed" and not self.secagg:
+            raise ConfigError(
+                "dp-mode='distributed' needs secagg=true: without it the server sees "
+                "each noised update"
+            )
+        if self.dp_adaptive_clipping and self.secagg:
+            raise ConfigError(
+                "dp-adaptive-clipping needs per-client clip reports, which SecAgg hides; "
+                "set secagg=false or dp-adaptive-clipping=false"
+            )
+        if self.secagg and self.edge_clients:
+            raise ConfigError("secagg=true does not support edge-clients yet; set edge-clients=0")
+        if self.secagg and self.secagg_num_shares and self.secagg_num_shares < 3:
+            raise ConfigError(f"secagg-num-shares must be 0 or >= 3, got {self.secagg_num_shares}")
 
     def to_run_config(self) -> dict[str, Any]:
         """Kebab-case dict, as in pyproject.toml (also what a checkpoint records)."""

@@ -303,7 +303,8 @@ def test_checkpoint_round_trips_arrays_strategy_state_and_round(tmp_path: Path) 
         np.testing.assert_array_equal(loaded.arrays[name], value)
         assert loaded.arrays[name].dtype == value.dtype
     np.testing.assert_array_equal(
-        loaded.strategy_arrays["velocity"]["head.bias"], saved.strategy_arrays["velocity"]["head.bias"]
+        loaded.strategy_arrays["velocity"]["head.bias"],
+        saved.strategy_arrays["velocity"]["head.bias"],
     )
     assert loaded.state == json.loads(json.dumps(saved.state))
     assert not list(folder.path.glob(".*.tmp"))  # atomic write left no temp file

@@ -47,7 +47,7 @@ def test_digits_bundle_shapes_types_and_ranges(digits: DatasetBundle) -> None:
     assert digits.input_shape == (1, 8, 8) and digits.num_classes == 10
     assert digits.x_train.dtype == np.float32 and digits.y_train.dtype == np.int64
     assert digits.x_test.dtype == np.float32 and digits.y_test.dtype == np.int64
-    assert 0.0 <= digits.x_train.min() and digits.x_train.max() <= 1.0
+    assert digits.x_train.min() >= 0.0 and digits.x_train.max() <= 1.0
     assert len(digits.x_train) == len(digits.y_train) and len(digits.x_test) == len(digits.y_test)
     assert not digits.x_train.flags.writeable  # shared by every simulated client
 
@@ -55,9 +55,9 @@ def test_digits_bundle_shapes_types_and_ranges(digits: DatasetBundle) -> None:
 def test_held_out_and_pool_split_the_source_exactly(digits: DatasetBundle) -> None:
     x, y, _, _ = load_digits_pool()
     source = sorted(zip(row_keys(x), y.tolist(), strict=True))
-    split = sorted(
-        zip(row_keys(digits.x_train), digits.y_train.tolist(), strict=True)
-    ) + sorted(zip(row_keys(digits.x_test), digits.y_test.tolist(), strict=True))
+    split = sorted(zip(row_keys(digits.x_train), digits.y_train.tolist(), strict=True)) + sorted(
+        zip(row_keys(digits.x_test), digits.y_test.tolist(), strict=True)
+    )
     assert sorted(split) == source  # same rows, same labels, none duplicated or lost
     assert not set(row_keys(digits.x_train)) & set(row_keys(digits.x_test))
     assert len(digits.y_test) == int(np.ceil(0.2 * len(y)))

@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import pytest
 from flwr.app import (
-    ArrayRecord,
     ConfigRecord,
     Error,
     Message,
@@ -91,7 +90,9 @@ def reply(
 
 
 def error_reply(node_id: int) -> Message:
-    return Message(Error(code=0, reason="ClientApp raised ValueError"), reply_to=instruction(node_id))
+    return Message(
+        Error(code=0, reason="ClientApp raised ValueError"), reply_to=instruction(node_id)
+    )
 
 
 class StaticGrid(Grid):
@@ -286,7 +287,10 @@ def test_partial_updates_average_only_with_replies_carrying_those_arrays() -> No
 def test_arrays_no_reply_carries_stay_exactly_as_they_were() -> None:
     strategy = FedgeAvg(min_train_nodes=2)
     start_round(strategy)
-    replies = [reply(11, delta(1, HEAD), 5, partial=True), reply(22, delta(2, HEAD), 5, partial=True)]
+    replies = [
+        reply(11, delta(1, HEAD), 5, partial=True),
+        reply(22, delta(2, HEAD), 5, partial=True),
+    ]
     result = aggregate(strategy, replies)
     assert result is not None
     for name in ("features.0.weight", "features.0.bias"):
@@ -362,9 +366,7 @@ BAD_REPLIES: dict[str, tuple[Callable[[int], Message], str]] = {
         "unknown arrays",
     ),
     "partial with unknown key": (
-        lambda n: reply(
-            n, {**delta(9, HEAD), "backbone.x": np.zeros(2, np.float32)}, partial=True
-        ),
+        lambda n: reply(n, {**delta(9, HEAD), "backbone.x": np.zeros(2, np.float32)}, partial=True),
         "unknown arrays",
     ),
     "partial with no arrays": (lambda n: reply(n, {}, partial=True), "no arrays"),

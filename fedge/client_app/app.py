@@ -11,8 +11,10 @@ from types import ModuleType
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedge.client_app import secure_client
 from fedge.client_app.protocol import EDGE_NODE_KEY
 from fedge.config import FedgeConfig
+from fedge.secagg.messages import Stage
 
 app = ClientApp()
 
@@ -48,3 +50,27 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     config = FedgeConfig.from_context(context)
     return _backend(context, config).evaluate(msg, context, config)
+
+
+@app.train(Stage.SETUP.value)
+def secagg_setup(msg: Message, context: Context) -> Message:
+    return secure_client.setup(msg, context)
+
+
+@app.train(Stage.SHARE_KEYS.value)
+def secagg_share_keys(msg: Message, context: Context) -> Message:
+    return secure_client.share_keys(msg, context)
+
+
+@app.train(Stage.MASKED_INPUT.value)
+def secagg_masked_input(msg: Message, context: Context) -> Message:
+    config = FedgeConfig.from_context(context)
+    backend = _backend(context, config)
+    return secure_client.masked_input(
+        msg, context, lambda: backend.local_update(msg, context, config)
+    )
+
+
+@app.train(Stage.UNMASK.value)
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    return secure_client.unmask(msg, context)

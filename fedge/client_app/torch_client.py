@@ -98,7 +98,14 @@ def train_locally(
         )
 
 
-def train(msg: Message, context: Context, config: FedgeConfig) -> Message:
+def local_update(
+    msg: Message, context: Context, config: FedgeConfig
+) -> tuple[NamedArrays | None, MetricRecord]:
+    """Train, then return what may leave the node (None if it declined) and its metrics.
+
+    fedge's strategy gets Δw, clipped/noised as its DP mode asks; a stock
+    Flower strategy gets full weights.
+    """
     data = local_data(config, context)
     global_arrays = from_array_record(msg.content.array_records["arrays"])
     train_config = msg.content.config_records["config"]
@@ -116,14 +123,21 @@ def train(msg: Message, context: Context, config: FedgeConfig) -> Message:
         metrics[LOCAL_EPSILON_KEY] = float(result.local_epsilon or 0.0)
     if result.arrays is None:
         metrics[DECLINED_KEY] = 1
-        return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
-    new_arrays = result.arrays
+        return None, metrics
+    update = result.arrays
     if train_config.get(REPLY_KEY) == "update":
-        new_arrays = {k: new_arrays[k] - global_arrays[k] for k in new_arrays}
-        new_arrays, privacy_metrics = privatize_update(new_arrays, train_config)
+        update = {k: update[k] - global_arrays[k] for k in update}
+        update, privacy_metrics = privatize_update(update, train_config)
         metrics.update(privacy_metrics)
     metrics["train-loss"] = result.loss
-    content = RecordDict({"arrays": to_array_record(new_arrays), "metrics": metrics})
+    return update, metrics
+
+
+def train(msg: Message, context: Context, config: FedgeConfig) -> Message:
+    update, metrics = local_update(msg, context, config)
+    content = RecordDict({"metrics": metrics})
+    if update is not None:
+        content["arrays"] = to_array_record(update)
     return Message(content=content, reply_to=msg)
 
 

@@ -314,21 +314,25 @@ class LocalDeployment:
     def wait_for_nodes(
         self, indices: Sequence[int] | None = None, timeout: float | None = None
     ) -> None:
-        """Block until the given SuperNodes (default: all) show as online."""
+        """Block until the given SuperNodes (default: all) have connected and show online.
+
+        A SuperNode that died without saying goodbye stays "online" at the SuperLink until
+        its heartbeat lapses (up to ~60 s in Flower 1.41); starting it again meanwhile is
+        refused and it exits. Such a node is started again here until it gets in.
+        """
         wanted = list(range(len(self.nodes)) if indices is None else indices)
         deadline = time.monotonic() + (self.startup_timeout if timeout is None else timeout)
         while True:
-            self._check_running(wanted)
-            for index in wanted:
-                if index not in self.node_ids:
-                    self._read_node_id_from_log(index)
-            ids = {self.node_ids[i] for i in wanted if i in self.node_ids}
-            if len(ids) == len(wanted) and ids <= self.online_node_ids():
+            if self.superlink is None or not self.superlink.alive():
+                log = self.superlink.log_path if self.superlink else self.logs_dir
+                raise DeploymentError(f"the SuperLink is not running; see {log}")
+            pending = [index for index in wanted if not self._node_connected(index, deadline)]
+            if not pending and {self.node_ids[i] for i in wanted} <= self.online_node_ids():
                 return
             if time.monotonic() > deadline:
                 raise DeploymentError(
-                    f"SuperNodes {wanted} are not all online in time; see {self.logs_dir} "
-                    "(a busy machine starts slowly: raise the timeout)"
+                    f"SuperNodes {pending or wanted} are not online in time; see "
+                    f"{self.logs_dir} (a busy machine starts slowly: raise the timeout)"
                 )
             time.sleep(1.0)
 
@@ -506,28 +510,41 @@ class LocalDeployment:
             raise IndexError(f"no SuperNode {index}; this deployment has {len(self.supernodes)}")
         return self.supernodes[index]
 
-    def _check_running(self, indices: Sequence[int]) -> None:
-        if self.superlink is None or not self.superlink.alive():
-            log = self.superlink.log_path if self.superlink else self.logs_dir
-            raise DeploymentError(f"the SuperLink is not running; see {log}")
-        for index in indices:
-            process = self._node_process(index)
-            if not process.alive():
-                raise DeploymentError(
-                    f"{process.name} exited ({process.returncode}):\n{process.tail()}\n"
-                    f"(full log: {process.log_path})"
-                )
-
-    def _read_node_id_from_log(self, index: int) -> None:
-        """Insecure mode: the node id is only in the SuperNode's log."""
-        try:
-            text = self._node_process(index).log_path.read_text(errors="replace")
-        except OSError:
-            return
-        text = text.rsplit("=== fedge: starting", 1)[-1]  # this start only
+    def _node_connected(self, index: int, deadline: float) -> bool:
+        """Whether SuperNode `index` got in since its last start; restart it if refused."""
+        process = self._node_process(index)
+        text = _since_last_start(process.log_path)
         found = re.findall(r"SuperNode ID: (\d+)", text)
         if found:
-            self.node_ids[index] = int(found[-1])
+            node_id = int(found[-1])
+            registered = self.node_ids.get(index)
+            if not self.insecure and registered is not None and registered != node_id:
+                raise DeploymentError(
+                    f"{process.name} joined as node {node_id}, but its key was registered as "
+                    f"{registered}; is another SuperLink using {self.address}?"
+                )
+            self.node_ids[index] = node_id
+            return True
+        if process.alive():
+            return False
+        if "Failed to activate SuperNode" in text and time.monotonic() + 5.0 < deadline:
+            logger.info("%s was refused (still marked online); retrying in 5 s", process.name)
+            time.sleep(5.0)
+            process.start()
+            return False
+        raise DeploymentError(
+            f"{process.name} exited ({process.returncode}):\n{process.tail()}\n"
+            f"(full log: {process.log_path})"
+        )
+
+
+def _since_last_start(log_path: Path) -> str:
+    """The part of a log written since ManagedProcess last started the command."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return text.rsplit("=== fedge: starting", 1)[-1]
 
 
 def _extra_config(extra: Mapping[str, ConfigValue] | str | None) -> dict[str, ConfigValue]:

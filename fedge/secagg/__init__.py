@@ -1,29 +1,40 @@
 """SecAgg+ (Bell et al., CCS 2020): the server learns Σ n_k·Δ_k and Σ n_k, nothing else.
 
 Pure protocol core, free of Flower: the server app feeds each stage's replies to
-`SecAggServer`, the client app runs one `client_*` function per stage and keeps
-`ClientState.to_dict()` in its persistent state between messages.
+`SecAggServer`, the client app runs one `client_*` function per stage and saves
+`ClientState.to_dict()` in its persistent state after every call.
 
-Stages and payload keys (every payload also carries "stage": the Stage value):
+Stages and payload keys (every payload also carries "stage", the Stage value,
+which is also a valid Flower action name):
 
-=====================  ====================================  =================================
-Stage                  server -> client                      client -> server
-=====================  ====================================  =================================
-SETUP                  node_id, participants (ids),          pk_enc, pk_mask (32 B each),
-                       num_shares, threshold, vector_length, seed_commitment (32 B)
-                       clip_range, max_weight, round_seed
-SHARE_KEYS             neighbours (ids, self included),      receivers (ids),
-                       pk_enc, pk_mask (bytes, aligned)      ciphertexts (bytes, aligned)
-MASKED_INPUT           senders (ids), ciphertexts (aligned)  rejected (ids),
-                                                             masked (uint32 array, L + 1)
-UNMASK                 survivors, dropped (ids, disjoint)    seed_shares, key_shares
-                                                             (bytes, aligned with the request)
-=====================  ====================================  =================================
+============  ======================================  ===================================
+Stage         server -> client                        client -> server
+============  ======================================  ===================================
+SETUP         node_id, participants (ids),            pk_enc, pk_mask (32 B each),
+              num_shares, threshold, vector_length,   seed_commitment (32 B)
+              clip_range (float), max_weight,
+              round_seed (bytes)
+SHARE_KEYS    neighbours (ids, self included),        receivers (ids), ciphertexts
+              pk_enc, pk_mask (lists, aligned)        (list of bytes, aligned)
+MASKED_INPUT  senders (ids), ciphertexts (aligned)    rejected (ids), masked (uint32
+                                                      array of vector_length + 1)
+UNMASK        survivors, dropped (ids, disjoint)      seed_shares, key_shares (lists of
+                                                      bytes, aligned with the request)
+============  ======================================  ===================================
 
 All values are ConfigRecord types (int, float, str, bytes, lists of ints or of
 bytes) except "masked", a numpy uint32 array for an ArrayRecord. Clients absent
-from a stage's replies count as dropped. Round parameters: see SecAggParams
-(graph, threshold) and quantize (encoding, overflow rule, error bound).
+from a stage's replies count as dropped; a malformed reply drops its sender.
+
+Guarantees: a client's update stays hidden unless the server colludes with at
+least `threshold` of that client's neighbours (even if the server lies about
+who dropped, since each client reveals one share kind per peer); the sum never
+overflows (see quantize); a malformed or unauthentic message only drops its
+sender; a false unmask share is detected (seed commitment, public mask key) and
+aborts the round rather than yield a wrong sum. Not covered: a malicious client
+can still bias the sum with well-formed but false data (input or keys), and a
+false share is not attributed to its sender.
+See params for the neighbour graph and the threshold rule.
 """
 
 from fedge.secagg.client import (

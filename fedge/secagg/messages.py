@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 from numpy.typing import NDArray
@@ -20,7 +20,7 @@ from fedge.secagg.errors import ProtocolError
 from fedge.secagg.shamir import SHARE_BYTES
 
 
-class Stage(str, Enum):
+class Stage(StrEnum):
     """Protocol stages in order; values are valid Flower action names."""
 
     SETUP = "secagg_setup"

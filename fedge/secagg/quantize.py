@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from numbers import Integral
 
 import numpy as np
 from numpy.typing import NDArray
@@ -72,9 +73,9 @@ class Quantizer:
         """
         if update.ndim != 1 or not np.all(np.isfinite(update)):
             raise ValueError("update must be a 1-D array of finite floats")
-        if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
-            raise ValueError(f"weight must be a non-negative int, got {weight!r}")
-        capped = min(weight, self.max_weight)
+        if isinstance(weight, bool) or not isinstance(weight, Integral) or weight < 0:
+            raise ValueError(f"weight must be a non-negative integer, got {weight!r}")
+        capped = min(int(weight), self.max_weight)
         scaled = np.clip(update.astype(np.float64), -self.clip_range, self.clip_range)
         scaled *= capped / self.step
         floor = np.floor(scaled)

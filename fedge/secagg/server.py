@@ -69,7 +69,12 @@ class AggregateResult:
 
 
 class SecAggServer:
-    """Drives one round; call the methods in order, once each."""
+    """Drives one round; call the methods in order, once each.
+
+    `round_seed` must be fresh random bytes each round (e.g. os.urandom(32)): it
+    fixes the neighbour graph and salts every derived key. Replies are keyed by
+    node id; `dropped` and `active` show the state between stages.
+    """
 
     def __init__(
         self,
@@ -103,7 +108,7 @@ class SecAggServer:
         self._ciphertexts: dict[tuple[int, int], bytes] = {}  # (sender, receiver)
         self._senders: dict[int, tuple[int, ...]] = {}  # ciphertexts routed to each node
         self._partners: dict[int, frozenset[int]] = {}  # peers each survivor masked with
-        self._masked: dict[int, NDArray[np.uint32]] = {}
+        self._total: NDArray[np.uint32] = np.zeros(vector_length + 1, np.uint32)  # Σ uploads
         self._requests: dict[int, tuple[list[int], list[int]]] = {}  # (survivors, dropped)
         self._needed_keys: list[int] = []  # dropped nodes whose pairwise masks remain
 
@@ -166,7 +171,6 @@ class SecAggServer:
         """Keep the uploads, drop senders of unauthentic shares, ask for unmask shares."""
         self._begin("receive_masked_inputs")
         collected = self._collect(replies, Stage.MASKED_INPUT, self._parse_masked)
-        self._masked = {node: vector for node, (vector, _) in collected}
         for reporter, (_, rejected) in collected:
             self._partners[reporter] = frozenset(self._senders[reporter]) - rejected
             for sender in rejected:
@@ -176,6 +180,9 @@ class SecAggServer:
                 )
         self._require_quorum(Stage.MASKED_INPUT)
         survivors = self.active
+        for node, (vector, _) in collected:
+            if True:
+                self._total += vector  # only the running sum is kept, never an upload
 
         def holds(holder: int, owner: int) -> bool:
             """Partners hold each other's shares (and masked with each other)."""
@@ -223,13 +230,13 @@ class SecAggServer:
             for owner, share in zip(dropped, key_shares, strict=True):
                 key_points[owner][x] = share
         rs, length = self.params.round_seed, self.params.vector_length + 1
-        total = np.zeros(length, dtype=np.uint32)
+        total = self._total
         for node in self.active:
             commit = partial(seed_commitment, node=node, round_seed=rs)
             seed = self._recover(
                 seed_points[node], node, "self-mask seed", commit, self._commitments[node]
             )
-            total += self._masked[node] - expand_mask(seed, length)
+            total -= expand_mask(seed, length)
         for dropped_node in self._needed_keys:
             key = self._recover(
                 key_points[dropped_node],

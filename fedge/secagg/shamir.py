@@ -24,7 +24,7 @@ def split(secret: bytes, xs: Sequence[int], threshold: int) -> list[bytes]:
     if not 1 <= threshold <= len(xs):
         raise ValueError(f"threshold {threshold} must be in [1, {len(xs)}]")
     coefficients = [int.from_bytes(secret, "big")]
-    coefficients += [secrets.randbelow(PRIME) for _ in range(threshold)]
+    coefficients += [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
     return [_evaluate(coefficients, x).to_bytes(SHARE_BYTES, "big") for x in xs]
 
 

@@ -22,6 +22,7 @@ from fedge.server_app.plotting import plot_metrics
 from fedge.server_app.privacy import BudgetExhausted, ServerPrivacy
 from fedge.server_app.recorder import RoundRecorder
 from fedge.server_app.run_folder import RunFolder, restore_rng_state
+from fedge.server_app.secure_round import SecAggSettings
 from fedge.server_app.strategy import FedgeAvg
 from fedge.task import dataset_for, model_spec_for
 
@@ -65,6 +66,7 @@ def main(grid: Grid, context: Context) -> None:
         min_evaluate_nodes=config.min_train_nodes,
         min_available_nodes=config.min_available_nodes,
         edge_backbone=edge_backbone_exporter(config, spec, bundle),
+        secagg=SecAggSettings.from_config(config) if config.secagg else None,
     )
     if config.resume:
         checkpoint = folder.load_checkpoint()

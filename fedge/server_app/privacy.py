@@ -16,7 +16,11 @@ from fedge.client_app.protocol import CLIP_KEY, MIN_CLIENTS_KEY, NOISE_MULTIPLIE
 from fedge.config import FedgeConfig
 from fedge.privacy.accountant import PrivacyLedger
 from fedge.privacy.clipping import AdaptiveClipping, global_norm
-from fedge.privacy.noise import add_central_noise, realized_noise_multiplier
+from fedge.privacy.noise import (
+    add_central_noise,
+    distributed_noise_stddev,
+    realized_noise_multiplier,
+)
 from fedge.records import NamedArrays
 
 
@@ -46,6 +50,16 @@ class ServerPrivacy:
             settings[NOISE_MULTIPLIER_KEY] = self.config.dp_noise_multiplier
             settings[MIN_CLIENTS_KEY] = self.min_clients
         return settings
+
+    def client_noise_stddev(self) -> float:
+        """Std of the noise each client adds itself (distributed mode; 0 otherwise)."""
+        if self.mode != "distributed":
+            return 0.0
+        return distributed_noise_stddev(
+            noise_multiplier=self.config.dp_noise_multiplier,
+            clip_norm=self.clip_norm,
+            min_clients=self.min_clients,
+        )
 
     def start_round(self, server_round: int, num_sampled: int, num_nodes: int) -> None:
         """Refuse (raise `BudgetExhausted`) a round that could push ε past the budget.

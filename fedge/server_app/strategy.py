@@ -18,6 +18,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedge.client_app.protocol import (
+    CLIP_KEY,
     DECLINED_KEY,
     LOCAL_EPSILON_KEY,
     REPLY_KEY,
@@ -25,9 +26,11 @@ from fedge.client_app.protocol import (
     WEIGHT_KEY,
 )
 from fedge.edge.broadcast import BACKBONE_KEY
-from fedge.records import NamedArrays, from_array_record, to_array_record
+from fedge.records import NamedArrays, from_array_record, to_array_record, unflatten
+from fedge.secagg import SecAggAbort
 from fedge.server_app.aggregation import apply_update, summed, weighted_mean
 from fedge.server_app.privacy import ServerPrivacy
+from fedge.server_app.secure_round import SecAggSettings, SecureRound
 from fedge.server_app.validation import rejection_reason
 
 
@@ -62,6 +65,7 @@ class FedgeAvg(FedAvg):
         rounds_done: int = 0,
         privacy: ServerPrivacy | None = None,
         edge_backbone: Callable[[NamedArrays], bytes] | None = None,
+        secagg: SecAggSettings | None = None,
         **fedavg_kwargs: object,
     ) -> None:
         super().__init__(weighted_by_key=WEIGHT_KEY, **fedavg_kwargs)  # type: ignore[arg-type]
@@ -70,6 +74,8 @@ class FedgeAvg(FedAvg):
         self.rounds_done = rounds_done
         self.privacy = privacy
         self.edge_backbone = edge_backbone
+        self.secagg = secagg
+        self.secure_round: SecureRound | None = None
         self.velocity: NamedArrays | None = None
         self.current_arrays: NamedArrays = {}
         self.report = RoundReport()
@@ -87,11 +93,37 @@ class FedgeAvg(FedAvg):
         if self.privacy is not None:
             for key, value in self.privacy.client_config().items():
                 config[key] = value
+        elif self.secagg is not None:
+            config[CLIP_KEY] = self.secagg.clip_norm
         absolute = self.absolute_round(server_round)
         messages = list(super().configure_train(absolute, arrays, config, grid))
         self.report.num_sampled = len(messages)
         if self.privacy is not None and messages:
             self.privacy.start_round(absolute, len(messages), len(list(grid.get_node_ids())))
+        self.secure_round = None
+        if self.secagg is None or not messages:
+            return messages
+        return self.open_secure_round(grid, messages)
+
+    def open_secure_round(self, grid: Grid, messages: list[Message]) -> list[Message]:
+        """Key exchange before training; an abort skips the round (model unchanged)."""
+        assert self.secagg is not None
+        num_shares, threshold = self.secagg.shape(len(messages))
+        clip_range, max_weight = self.secagg.encoding(self.privacy)
+        secure_round = SecureRound(grid, self.secagg.timeout)
+        try:
+            messages = secure_round.open(
+                messages,
+                num_shares,
+                threshold,
+                sum(value.size for value in self.current_arrays.values()),
+                clip_range,
+                max_weight,
+            )
+        except SecAggAbort as abort:
+            log(WARNING, "SecAgg round aborted before training: %s", abort)
+            return []
+        self.secure_round = secure_round
         return messages
 
     def add_edge_backbone(self, config: ConfigRecord, arrays: NamedArrays) -> None:
@@ -132,48 +164,89 @@ class FedgeAvg(FedAvg):
         self.report.num_rejected = len(self.report.rejected)
         return accepted
 
+    def enough(self, server_round: int, count: int) -> bool:
+        """Whether `count` contributions may be aggregated; logs why not."""
+        if count >= max(self.min_train_nodes, 1):
+            return True
+        log(
+            WARNING,
+            "Round %s: %s valid updates, fewer than min-train-nodes=%s; "
+            "the global model stays unchanged",
+            self.absolute_round(server_round),
+            count,
+            self.min_train_nodes,
+        )
+        return False
+
+    def step(self, mean_update: NamedArrays) -> ArrayRecord:
+        """The new global model from this round's mean update."""
+        new_arrays, self.velocity = apply_update(
+            self.current_arrays, mean_update, self.server_lr, self.server_momentum, self.velocity
+        )
+        self.report.aggregated = True
+        return to_array_record(new_arrays)
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self.secure_round is not None:
+            return self.aggregate_secure(server_round, replies), None
         accepted = self.accepted_replies(replies)
-        if len(accepted) < max(self.min_train_nodes, 1):
-            log(
-                WARNING,
-                "Round %s: %s valid replies, fewer than min-train-nodes=%s; "
-                "the global model stays unchanged",
-                self.absolute_round(server_round),
-                len(accepted),
-                self.min_train_nodes,
-            )
+        if not self.enough(server_round, len(accepted)):
             return None, None
         contents = [reply.content for reply in accepted]
-        new_arrays, self.velocity = apply_update(
-            self.current_arrays,
-            self.mean_update(self.absolute_round(server_round), contents),
-            self.server_lr,
-            self.server_momentum,
-            self.velocity,
-        )
+        arrays = self.step(self.mean_update(self.absolute_round(server_round), contents))
         metrics = aggregate_metricrecords(contents, WEIGHT_KEY)
         loss = metrics.get("train-loss")
         self.report.train_loss = float(loss) if isinstance(loss, (int, float)) else None
-        self.report.aggregated = True
         log(INFO, "Aggregated %s updates (%s rejected)", len(accepted), self.report.num_rejected)
-        return to_array_record(new_arrays), metrics
+        return arrays, metrics
+
+    def aggregate_secure(self, server_round: int, replies: Iterable[Message]) -> ArrayRecord | None:
+        """Unmask the sum Σ n_k·Δ_k; no per-client update or metric is ever seen."""
+        assert self.secure_round is not None
+        try:
+            result = self.secure_round.close(replies)
+        except SecAggAbort as abort:
+            log(WARNING, "SecAgg round aborted: %s; the global model stays unchanged", abort)
+            return None
+        self.report.num_replies = result.num_clients
+        self.report.num_rejected = len(result.dropped)
+        self.report.rejected = dict(result.dropped)
+        if not self.enough(server_round, result.num_clients) or result.total_weight <= 0:
+            return None
+        total = unflatten(result.weighted_sum, self.current_arrays)
+        if self.privacy is not None:
+            mean = self.private_mean(
+                self.absolute_round(server_round), total, result.num_clients, 0
+            )
+        else:
+            mean = {name: value / result.total_weight for name, value in total.items()}
+        return self.step(mean)
 
     def mean_update(self, server_round: int, contents: list[RecordDict]) -> NamedArrays:
-        """Σ(n_k/n)Δ_k; under central DP the noised equal-weight sum over the sampled count."""
+        """Σ(n_k/n)Δ_k; under DP the noised equal-weight sum over the sampled count."""
         updates = [from_array_record(c.array_records["arrays"]) for c in contents]
         if self.privacy is None:
             weights = [float(c.metric_records["metrics"][WEIGHT_KEY]) for c in contents]
             return weighted_mean(updates, weights)
-        noised = self.privacy.central_noise(summed(updates))
-        mean = {name: value / self.report.num_sampled for name, value in noised.items()}
         unclipped = sum(int(c.metric_records["metrics"].get(UNCLIPPED_KEY, 0)) for c in contents)
+        return self.private_mean(server_round, summed(updates), len(contents), unclipped)
+
+    def private_mean(
+        self, server_round: int, total: NamedArrays, num_contributors: int, unclipped: int
+    ) -> NamedArrays:
+        """(Σ Δ_k + noise) / sampled count, and the round's ε in the ledger.
+
+        Central mode adds the noise here; distributed mode's clients already did.
+        """
+        assert self.privacy is not None
+        if self.privacy.mode == "central":
+            total = self.privacy.central_noise(total)
         self.report.epsilon = self.privacy.finish_round(
-            server_round, len(contents), self.report.num_sampled, unclipped
+            server_round, num_contributors, self.report.num_sampled, unclipped
         )
-        return mean
+        return {name: value / self.report.num_sampled for name, value in total.items()}
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
