@@ -146,6 +146,10 @@ class FedgeConfig:
         0.0, "a client declines to train past it; 0 = no budget", low=0
     )
     # Outputs
+    export_onnx: bool = _opt(False, "export the final model to fp32 + int8 ONNX in the run folder")
+    export_quantization: str = _opt(
+        "static", "int8 scheme for export-onnx", choices=("static", "dynamic")
+    )
     output_dir: str = _opt("outputs", "results folder (relative: see resolve_path)")
     run_name: str = _opt("", "subfolder of output-dir; empty = a timestamp")
     resume: bool = _opt(False, "continue the run in output-dir/run-name from its checkpoint")

@@ -12,11 +12,13 @@ import logging
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from fedge.data import DatasetBundle
 from fedge.edge import artifacts
 from fedge.edge.head import HeadLearner, extract_features
 from fedge.edge.quantize import check_quantization, compact_onnx, quantize_onnx
@@ -173,3 +175,24 @@ def export_model(
         report["accuracy"],
     )
     return report
+
+
+def export_for_dataset(
+    checkpoint: Path,
+    out_dir: Path,
+    bundle: DatasetBundle,
+    quantization: str = "static",
+    calibration_samples: int = 300,
+    seed: int = 0,
+    **options: Any,
+) -> dict[str, object]:
+    """`export_model` with calibration drawn from the training pool and evaluation on
+    the held-out split, which calibration therefore never sees."""
+    if calibration_samples < 1:
+        raise ValueError(f"calibration samples must be >= 1, got {calibration_samples}")
+    rng = np.random.default_rng(seed)
+    count = min(calibration_samples, len(bundle.x_train))
+    x_calib = bundle.x_train[rng.choice(len(bundle.x_train), size=count, replace=False)]
+    return export_model(
+        checkpoint, out_dir, x_calib, bundle.x_test, bundle.y_test, quantization, **options
+    )

@@ -6,8 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 from fedge.edge.artifacts import QUANTIZATIONS
 from fedge.edge.commands import reports_errors
 
@@ -16,23 +14,23 @@ from fedge.edge.commands import reports_errors
 def _export(args: argparse.Namespace) -> int:
     # torch and onnx load only when exporting, so other commands start fast without them.
     from fedge.data import load_dataset
-    from fedge.edge.export import export_model
+    from fedge.edge.export import export_for_dataset
+    from fedge.models import model_provenance
 
-    if args.calibration_samples < 1:
-        raise ValueError(f"--calibration-samples must be >= 1, got {args.calibration_samples}")
-    bundle = load_dataset(args.dataset, test_fraction=args.test_fraction, seed=args.seed)
-    # Calibration needs only representative inputs; drawing them from the training pool
-    # keeps the held-out split, on which accuracy is reported, unseen.
-    rng = np.random.default_rng(args.seed)
-    count = min(args.calibration_samples, len(bundle.x_train))
-    x_calib = bundle.x_train[rng.choice(len(bundle.x_train), size=count, replace=False)]
-    report = export_model(
+    # By default the split of the run that trained the model, so the held-out
+    # accuracy is measured on data the model never saw.
+    trained_on = model_provenance(args.checkpoint)
+    dataset = args.dataset or trained_on.get("dataset", "digits")
+    test_fraction = args.test_fraction or trained_on.get("test_fraction", 0.2)
+    seed = trained_on.get("seed", 0) if args.seed is None else args.seed
+    bundle = load_dataset(dataset, test_fraction=test_fraction, seed=seed)
+    report = export_for_dataset(
         args.checkpoint,
         args.out,
-        x_calib,
-        bundle.x_test,
-        bundle.y_test,
+        bundle,
         quantization=args.quantization,
+        calibration_samples=args.calibration_samples,
+        seed=seed,
         per_channel=args.per_channel,
         latency_repeats=args.latency_repeats,
     )
@@ -50,15 +48,15 @@ def register_export(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     export.add_argument("--quantization", choices=QUANTIZATIONS, default="static")
     export.add_argument("--per-channel", action="store_true", help="per-channel int8 weights")
     export.add_argument(
-        "--dataset", default="digits", help="dataset for calibration and held-out evaluation"
+        "--dataset",
+        help="dataset for calibration and held-out evaluation (default: the training run's)",
     )
     export.add_argument(
         "--test-fraction",
         type=float,
-        default=0.2,
-        help="held-out fraction; match the training run so evaluation data stays unseen",
+        help="held-out fraction (default: the training run's, so evaluation data stays unseen)",
     )
-    export.add_argument("--seed", type=int, default=0, help="split and calibration sampling seed")
+    export.add_argument("--seed", type=int, help="split seed (default: the training run's)")
     export.add_argument("--calibration-samples", type=int, default=300)
     export.add_argument("--latency-repeats", type=int, default=50)
     export.set_defaults(func=_export)

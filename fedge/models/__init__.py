@@ -16,6 +16,7 @@ _TORCH_EXPORTS = {
     "build_model",
     "load_model",
     "load_numpy_state",
+    "model_provenance",
     "save_model",
     "state_to_numpy",
 }

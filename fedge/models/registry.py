@@ -38,11 +38,26 @@ def load_numpy_state(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
     model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()})
 
 
-def save_model(path: Path, spec: ModelSpec, arrays: dict[str, np.ndarray]) -> None:
-    """A `.pt` holding the state dict and the spec, rebuildable without config."""
+def save_model(
+    path: Path,
+    spec: ModelSpec,
+    arrays: dict[str, np.ndarray],
+    provenance: dict[str, str | float | int] | None = None,
+) -> None:
+    """A `.pt` holding the state dict and the spec, rebuildable without config.
+
+    `provenance` (dataset, test-fraction, seed) lets `fedge export` evaluate on
+    the same held-out split the training run kept aside.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}
-    torch.save({"spec": spec.to_dict(), "state_dict": state}, path)
+    state = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+    torch.save({"spec": spec.to_dict(), "state_dict": state, "provenance": provenance or {}}, path)
+
+
+def model_provenance(path: Path) -> dict[str, str | float | int]:
+    """The data a saved model was trained on ({} for models saved without it)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    return dict(payload.get("provenance", {})) if isinstance(payload, dict) else {}
 
 
 def load_model(path: Path) -> tuple[nn.Module, ModelSpec]:

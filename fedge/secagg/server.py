@@ -181,7 +181,7 @@ class SecAggServer:
         self._require_quorum(Stage.MASKED_INPUT)
         survivors = self.active
         for node, (vector, _) in collected:
-            if True:
+            if node in self._active:
                 self._total += vector  # only the running sum is kept, never an upload
 
         def holds(holder: int, owner: int) -> bool:

@@ -45,18 +45,9 @@ def edge_backbone_exporter(
     return partial(backbone_payload, spec, int8=kind == "int8", x_calib=calibration)
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    config = FedgeConfig.from_context(context)
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    folder = RunFolder.for_config(config)
-    bundle = dataset_for(config)
-    spec = model_spec_for(config, bundle)
-
+def build_strategy(config: FedgeConfig, spec: ModelSpec, bundle: DatasetBundle) -> FedgeAvg:
     privacy = None if config.dp_mode == "none" else ServerPrivacy(config, config.min_train_nodes)
-    strategy = FedgeAvg(
+    return FedgeAvg(
         privacy=privacy,
         server_lr=config.server_lr,
         server_momentum=config.server_momentum,
@@ -68,27 +59,72 @@ def main(grid: Grid, context: Context) -> None:
         edge_backbone=edge_backbone_exporter(config, spec, bundle),
         secagg=SecAggSettings.from_config(config) if config.secagg else None,
     )
-    if config.resume:
-        checkpoint = folder.load_checkpoint()
-        arrays = checkpoint.arrays
-        strategy.rounds_done = checkpoint.round
-        strategy.velocity = checkpoint.strategy_arrays.get("velocity")
-        restore_rng_state(checkpoint.state["rng"])
-        if privacy is not None and "privacy" in checkpoint.state:
-            privacy.restore(checkpoint.state["privacy"])
-        folder.keep_metrics_through(checkpoint.round)
-        changed = sorted(
-            k
-            for k, v in config.to_run_config().items()
-            if checkpoint.state["run_config"].get(k) != v
-            and k not in ("resume", "num-server-rounds")
+
+
+def resume(folder: RunFolder, strategy: FedgeAvg, config: FedgeConfig) -> NamedArrays:
+    """Restore model, round counter, momentum, RNGs and ε ledger from the checkpoint."""
+    checkpoint = folder.load_checkpoint()
+    strategy.rounds_done = checkpoint.round
+    strategy.velocity = checkpoint.strategy_arrays.get("velocity")
+    restore_rng_state(checkpoint.state["rng"])
+    if strategy.privacy is not None and "privacy" in checkpoint.state:
+        strategy.privacy.restore(checkpoint.state["privacy"])
+    folder.keep_metrics_through(checkpoint.round)
+    changed = sorted(
+        key
+        for key, value in config.to_run_config().items()
+        if checkpoint.state["run_config"].get(key) != value
+        and key not in ("resume", "num-server-rounds")
+    )
+    if changed:
+        log(WARNING, "Resuming with a changed config: %s", ", ".join(changed))
+    log(INFO, "fedge: resuming %s after round %s", folder.path, checkpoint.round)
+    return checkpoint.arrays
+
+
+def write_outputs(
+    folder: RunFolder,
+    config: FedgeConfig,
+    strategy: FedgeAvg,
+    spec: ModelSpec,
+    bundle: DatasetBundle,
+    arrays: NamedArrays,
+) -> None:
+    """privacy.json, final_model.pt (+ ONNX exports) and metrics.png."""
+    if strategy.privacy is not None:
+        folder.write_json("privacy.json", strategy.privacy.report())
+        log(INFO, "fedge: ε=%.4g at δ=%g", strategy.privacy.epsilon(), config.dp_delta)
+    final_model = folder.path / "final_model.pt"
+    provenance = {
+        "dataset": bundle.name,
+        "test_fraction": config.test_fraction,
+        "seed": config.seed,
+    }
+    save_model(final_model, spec, arrays, provenance)
+    if config.export_onnx:
+        from fedge.edge.export import export_for_dataset
+
+        export_for_dataset(
+            final_model, folder.path, bundle, config.export_quantization, seed=config.seed
         )
-        if changed:
-            log(WARNING, "Resuming with a changed config: %s", ", ".join(changed))
-        log(INFO, "fedge: resuming %s after round %s", folder.path, checkpoint.round)
+    plot_metrics(folder.read_metrics(), folder.path / "metrics.png")
+    log(INFO, "fedge: results in %s", folder.path)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = FedgeConfig.from_context(context)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    folder = RunFolder.for_config(config)
+    bundle = dataset_for(config)
+    spec = model_spec_for(config, bundle)
+    strategy = build_strategy(config, spec, bundle)
+    if config.resume:
+        arrays = resume(folder, strategy, config)
     else:
         arrays = state_to_numpy(build_model(spec))
-
     recorder = RoundRecorder(
         folder, strategy, spec, bundle, config.num_server_rounds, config.to_run_config()
     )
@@ -107,10 +143,4 @@ def main(grid: Grid, context: Context) -> None:
         arrays = recorder.last_arrays
     else:
         log(INFO, "fedge: all %s rounds already done", config.num_server_rounds)
-
-    if privacy is not None:
-        folder.write_json("privacy.json", privacy.report())
-        log(INFO, "fedge: ε=%.4g at δ=%g (privacy.json)", privacy.epsilon(), config.dp_delta)
-    save_model(folder.path / "final_model.pt", spec, arrays)
-    plot_metrics(folder.read_metrics(), folder.path / "metrics.png")
-    log(INFO, "fedge: wrote final_model.pt, metrics.jsonl and metrics.png to %s", folder.path)
+    write_outputs(folder, config, strategy, spec, bundle, arrays)
