@@ -56,7 +56,12 @@ def partition_indices(
     """Row indices of `labels` for every partition (disjoint; iid/dirichlet cover all)."""
     return list(
         _cached_partition_indices(
-            labels.tobytes(), kind, num_partitions, seed, dirichlet_alpha, classes_per_client
+            np.asarray(labels, dtype=np.int64).tobytes(),
+            kind,
+            num_partitions,
+            seed,
+            dirichlet_alpha,
+            classes_per_client,
         )
     )
 
@@ -73,8 +78,11 @@ def _cached_partition_indices(
     """Partitioning once per process: every simulated client asks for the same split."""
     labels = np.frombuffer(label_bytes, dtype=np.int64)
     partitioner = make_partitioner(kind, num_partitions, seed, dirichlet_alpha, classes_per_client)
+    # Shuffled first (as FederatedDataset does), or the IID partitioner's contiguous
+    # chunks of a label-sorted source would each hold one class.
+    order = np.random.default_rng(seed).permutation(len(labels))
     partitioner.dataset = Dataset.from_dict(
-        {"label": labels.tolist(), "row": np.arange(len(labels)).tolist()}
+        {"label": labels[order].tolist(), "row": order.tolist()}
     )
     return tuple(
         np.asarray(partitioner.load_partition(pid)["row"], dtype=np.int64)

@@ -69,13 +69,15 @@ def _idx_pair(folder: Path, prefix: str) -> tuple[np.ndarray, np.ndarray] | None
 
 
 def _load_idx_folder(folder: Path) -> Pools | None:
-    train = _idx_pair(folder, "train") or _idx_pair(folder, "")
-    if train is None:
-        return None
+    """train*/t10k* (or test*) pairs keep their split; a lone pair is one pool."""
+    train = _idx_pair(folder, "train")
     test = _idx_pair(folder, "t10k") or _idx_pair(folder, "test")
-    if test is None or test[0] is train[0]:
-        return train[0], train[1], None, None
-    return train[0], train[1], test[0], test[1]
+    if train is not None and test is not None:
+        return train[0], train[1], test[0], test[1]
+    pool = train or test or _idx_pair(folder, "")
+    if pool is None:
+        return None
+    return pool[0], pool[1], None, None
 
 
 def _load_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:

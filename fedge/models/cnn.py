@@ -23,6 +23,10 @@ class SmallCNN(nn.Module):
             raise ValueError(f"cnn needs an input shape (C, H, W), got {input_shape}")
         channels, height, width = input_shape
         pool = 2 if min(height, width) >= 16 else 1
+        # A fixed-window average pool down to about 4x4: unlike AdaptiveAvgPool2d it
+        # exports to ONNX for any size (28x28 included), not only multiples of 4.
+        window = (max(1, height // pool // 4), max(1, width // pool // 4))
+        pooled = (height // pool // window[0], width // pool // window[1])
         self.features = nn.Sequential(
             nn.Conv2d(channels, 16, kernel_size=3, padding=1),
             nn.GroupNorm(_groups(16), 16),
@@ -31,9 +35,9 @@ class SmallCNN(nn.Module):
             nn.Conv2d(16, 32, kernel_size=3, padding=1),
             nn.GroupNorm(_groups(32), 32),
             nn.ReLU(),
-            nn.AdaptiveAvgPool2d((4, 4)),
+            nn.AvgPool2d(window),
             nn.Flatten(),
-            nn.Linear(32 * 4 * 4, 64),
+            nn.Linear(32 * pooled[0] * pooled[1], 64),
             nn.ReLU(),
         )
         self.head = nn.Linear(64, num_classes)

@@ -31,7 +31,7 @@ from fedge.secagg import SecAggAbort
 from fedge.server_app.aggregation import apply_update, summed, weighted_mean
 from fedge.server_app.privacy import ServerPrivacy
 from fedge.server_app.secure_round import SecAggSettings, SecureRound
-from fedge.server_app.validation import rejection_reason
+from fedge.server_app.validation import check_reply
 
 
 @dataclass
@@ -48,6 +48,22 @@ class RoundReport:
     epsilon: float | None = None
     client_epsilons: list[float] = field(default_factory=list)
     val_metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A validated reply and its update, decoded once."""
+
+    content: RecordDict
+    update: NamedArrays
+    metrics: MetricRecord
+
+
+def reply_metrics(reply: Message) -> MetricRecord:
+    """The reply's (single) MetricRecord, whatever its name; empty if there is none."""
+    if reply.has_error() or not reply.content.metric_records:
+        return MetricRecord()
+    return next(iter(reply.content.metric_records.values()))
 
 
 class FedgeAvg(FedAvg):
@@ -131,15 +147,14 @@ class FedgeAvg(FedAvg):
         if self.edge_backbone is not None:
             config[BACKBONE_KEY] = self.edge_backbone(arrays)
 
-    def rejection(self, reply: Message) -> str | None:
-        reason = rejection_reason(reply, self.current_arrays)
-        if reason is None and self.privacy is not None:
-            reason = self.privacy.clip_violation(
-                from_array_record(reply.content.array_records["arrays"])
-            )
-        return reason
+    def checked_update(self, reply: Message) -> tuple[NamedArrays | None, str | None]:
+        """The reply's update if it passes validation (and, under DP, the clip check)."""
+        update, reason = check_reply(reply, self.current_arrays)
+        if update is not None and self.privacy is not None:
+            reason = self.privacy.clip_violation(update)
+        return (update, None) if reason is None else (None, reason)
 
-    def accepted_replies(self, replies: Iterable[Message]) -> list[Message]:
+    def accepted_replies(self, replies: Iterable[Message]) -> list[Accepted]:
         """Replies that pass validation; the others are logged with their reason.
 
         A client past its local privacy budget declines: that is counted, not rejected.
@@ -147,16 +162,16 @@ class FedgeAvg(FedAvg):
         accepted = []
         for reply in replies:
             node = reply.metadata.src_node_id
-            metrics = {} if reply.has_error() else reply.content.metric_records.get("metrics", {})
+            metrics = reply_metrics(reply)
             if isinstance(metrics.get(LOCAL_EPSILON_KEY), (int, float)):
                 self.report.client_epsilons.append(float(metrics[LOCAL_EPSILON_KEY]))
             if metrics.get(DECLINED_KEY) == 1:
                 self.report.num_declined += 1
                 log(INFO, "Node %s declined to train: its local privacy budget is spent", node)
                 continue
-            reason = self.rejection(reply)
-            if reason is None:
-                accepted.append(reply)
+            update, reason = self.checked_update(reply)
+            if update is not None:
+                accepted.append(Accepted(reply.content, update, metrics))
                 continue
             self.report.rejected[node] = reason
             log(WARNING, "Dropped reply from node %s: %s", node, reason)
@@ -194,9 +209,8 @@ class FedgeAvg(FedAvg):
         accepted = self.accepted_replies(replies)
         if not self.enough(server_round, len(accepted)):
             return None, None
-        contents = [reply.content for reply in accepted]
-        arrays = self.step(self.mean_update(self.absolute_round(server_round), contents))
-        metrics = aggregate_metricrecords(contents, WEIGHT_KEY)
+        arrays = self.step(self.mean_update(self.absolute_round(server_round), accepted))
+        metrics = aggregate_metricrecords([reply.content for reply in accepted], WEIGHT_KEY)
         loss = metrics.get("train-loss")
         self.report.train_loss = float(loss) if isinstance(loss, (int, float)) else None
         log(INFO, "Aggregated %s updates (%s rejected)", len(accepted), self.report.num_rejected)
@@ -224,14 +238,14 @@ class FedgeAvg(FedAvg):
             mean = {name: value / result.total_weight for name, value in total.items()}
         return self.step(mean)
 
-    def mean_update(self, server_round: int, contents: list[RecordDict]) -> NamedArrays:
+    def mean_update(self, server_round: int, accepted: list[Accepted]) -> NamedArrays:
         """Σ(n_k/n)Δ_k; under DP the noised equal-weight sum over the sampled count."""
-        updates = [from_array_record(c.array_records["arrays"]) for c in contents]
+        updates = [reply.update for reply in accepted]
+        metrics = [reply.metrics for reply in accepted]
         if self.privacy is None:
-            weights = [float(c.metric_records["metrics"][WEIGHT_KEY]) for c in contents]
-            return weighted_mean(updates, weights)
-        unclipped = sum(int(c.metric_records["metrics"].get(UNCLIPPED_KEY, 0)) for c in contents)
-        return self.private_mean(server_round, summed(updates), len(contents), unclipped)
+            return weighted_mean(updates, [float(m[WEIGHT_KEY]) for m in metrics])
+        unclipped = sum(int(m.get(UNCLIPPED_KEY, 0)) for m in metrics)
+        return self.private_mean(server_round, summed(updates), len(accepted), unclipped)
 
     def private_mean(
         self, server_round: int, total: NamedArrays, num_contributors: int, unclipped: int

@@ -13,23 +13,32 @@ from fedge.client_app.protocol import PARTIAL_KEY, UPDATE_INFO_KEY, WEIGHT_KEY
 from fedge.records import NamedArrays, from_array_record
 
 
-def rejection_reason(reply: Message, reference: NamedArrays) -> str | None:
-    """Check one reply against the reference arrays (the current global model)."""
+def check_reply(reply: Message, reference: NamedArrays) -> tuple[NamedArrays | None, str | None]:
+    """(the decoded update, None) if the reply can be aggregated, else (None, why).
+
+    Decoding happens once here, so callers reuse the arrays instead of decoding again.
+    """
     if reply.has_error():
-        return f"client error: {reply.error.reason}"
+        return None, f"client error: {reply.error.reason}"
     content = reply.content
     if len(content.array_records) != 1:
-        return f"expected one ArrayRecord, got {len(content.array_records)}"
+        return None, f"expected one ArrayRecord, got {len(content.array_records)}"
     if len(content.metric_records) != 1:
-        return f"expected one MetricRecord, got {len(content.metric_records)}"
+        return None, f"expected one MetricRecord, got {len(content.metric_records)}"
     metrics = next(iter(content.metric_records.values()))
     weight = metrics.get(WEIGHT_KEY)
     if weight is None:
-        return f"missing '{WEIGHT_KEY}' in metrics"
+        return None, f"missing '{WEIGHT_KEY}' in metrics"
     if isinstance(weight, list) or not np.isfinite(weight) or weight <= 0:
-        return f"'{WEIGHT_KEY}' must be a positive number, got {weight!r}"
+        return None, f"'{WEIGHT_KEY}' must be a positive number, got {weight!r}"
     arrays = from_array_record(next(iter(content.array_records.values())))
-    return arrays_rejection_reason(arrays, reference, partial=is_partial(reply))
+    reason = arrays_rejection_reason(arrays, reference, partial=is_partial(reply))
+    return (None, reason) if reason else (arrays, None)
+
+
+def rejection_reason(reply: Message, reference: NamedArrays) -> str | None:
+    """Why `reply` cannot be aggregated against `reference` (the global model), or None."""
+    return check_reply(reply, reference)[1]
 
 
 def is_partial(reply: Message) -> bool:
