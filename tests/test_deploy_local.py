@@ -193,8 +193,10 @@ class Attacker:
         with contextlib.suppress(OSError):
             sock.sendall(data)
 
-    def exchange(self, label: str, data: bytes, *, alpn: list[str] | None = None) -> None:
-        """Send `data` over a fresh TLS connection; note the HTTP status, if any."""
+    def exchange(
+        self, label: str, data: bytes, *, alpn: list[str] | None = None, wait: float = 10.0
+    ) -> None:
+        """Send `data` over a fresh TLS connection; note the HTTP status (0: none in `wait` s)."""
         try:
             sock = self.tls(alpn)
         except (OSError, ssl.SSLError):
@@ -202,8 +204,7 @@ class Attacker:
             return
         with sock:
             self.send(sock, data)
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(wait)
             reply = b""
             with contextlib.suppress(OSError, ssl.SSLError):
                 while len(reply) < 65536:
@@ -236,6 +237,13 @@ ROUTES = [
     "/v1/runtime/push-task-output",
     "/no/such/route",
 ]
+
+
+KNOWN_500 = {
+    # Flower 1.41 builds a FAB from the empty request and fails with BadZipFile: a 500
+    # that is handled (the SuperLink keeps serving). Not fedge's to fix; kept visible here.
+    "/v1/control/start-run 0B",
+}
 
 
 @pytest.mark.timeout(300)
@@ -288,12 +296,13 @@ def test_deploy_superlink_survives_garbage(federation: LocalDeployment) -> None:
         )
         + b"\r\n\r\n"
         + attacker.noise(1 << 20),
+        wait=3.0,
     )
 
     # 4. Well-formed HTTP with garbage or oversized protobuf bodies on every API.
     for route in ROUTES:
         for size in (0, 7, 4096):
-            attacker.exchange(f"noise {route}", attacker.post(route, attacker.noise(size)))
+            attacker.exchange(f"{route} {size}B", attacker.post(route, attacker.noise(size)))
     attacker.exchange("oversized", attacker.post("/v1/fleet/push-object", attacker.noise(32 << 20)))
     forged = (
         f"POST /v1/fleet/pull-messages HTTP/1.1\r\nHost: {HOST}\r\n"
@@ -331,8 +340,16 @@ def test_deploy_superlink_survives_garbage(federation: LocalDeployment) -> None:
     runs = federation.flwr("ls", federation.connection, "--format", "json")
     assert json.loads(runs.stdout[runs.stdout.index("{") :])["success"] is True
     assert federation.online_node_ids() == members
-    server_errors = {k: v for k, v in attacker.statuses.items() if any(s >= 500 for s in v)}
+    server_errors = {
+        label: codes
+        for label, codes in attacker.statuses.items()
+        if any(code >= 500 for code in codes) and label not in KNOWN_500
+    }
     assert not server_errors, f"5xx answers to garbage: {server_errors}"
+    # Every protobuf request reached the HTTP layer and got an answer (not just a TLS drop).
+    answered = {label: codes for label, codes in attacker.statuses.items() if label[0] == "/"}
+    assert len(answered) == 3 * len(ROUTES)
+    assert all(codes and codes[0] > 0 for codes in answered.values()), answered
 
 
 # --- node crashes and restarts --------------------------------------------------------------
@@ -356,23 +373,25 @@ def test_deploy_kill_and_restart_node(federation: LocalDeployment) -> None:
 
 # --- (a) the fedge app on the deployed federation --------------------------------------------
 
-# One entry per privacy setting worth running over real TLS-authenticated SuperNodes.
-# Append e.g. pytest.param("secagg=true", 0.5, id="secagg") when it should be covered.
+# (rounds, extra run-config, accuracy the last round must beat); chance is 0.1 on digits.
+# Add a privacy mode with one line, e.g. pytest.param(1, "dp-mode='central'", 0.3, id="dp").
+# Each entry costs ~1 minute per round on 2 busy cores (a flwr-clientapp per message).
 RUN_CONFIGS = [
-    pytest.param("", 0.5, id="fedavg"),
+    pytest.param(2, "", 0.7, id="fedavg"),
+    pytest.param(1, "secagg=true", 0.7, id="secagg"),
 ]
 
 
 @pytest.mark.timeout(420)
-@pytest.mark.parametrize(("extra", "min_accuracy"), RUN_CONFIGS)
+@pytest.mark.parametrize(("rounds", "extra", "min_accuracy"), RUN_CONFIGS)
 def test_deploy_tls_auth_run_learns(
-    federation: LocalDeployment, tmp_path: Path, extra: str, min_accuracy: float
+    federation: LocalDeployment, tmp_path: Path, rounds: int, extra: str, min_accuracy: float
 ) -> None:
     pyproject = (REPO / "pyproject.toml").read_bytes()
     app = app_copy(tmp_path / "app")
     out = tmp_path / "out"
     run_config = (
-        f"num-server-rounds=2 output-dir='{out}' run-name='x' local-epochs=2 "
+        f"num-server-rounds={rounds} output-dir='{out}' run-name='x' local-epochs=2 "
         f"min-available-nodes={NODES} min-train-nodes={NODES} fraction-evaluate=0.0 {extra}"
     )
     result = federation.flwr(
@@ -391,9 +410,9 @@ def test_deploy_tls_auth_run_learns(
         f"flwr run failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-2000:]}"
     )
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    assert [row["round"] for row in rows] == [1, 2]
+    assert [row["round"] for row in rows] == list(range(1, rounds + 1))
     assert all(row["num_replies"] == NODES for row in rows), rows
-    assert rows[-1]["test_accuracy"] > min_accuracy, rows  # chance is 0.1 on digits
+    assert rows[-1]["test_accuracy"] > min_accuracy, rows
 
 
 # --- the CLI: Ctrl-C / SIGTERM stop everything --------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 import textwrap
@@ -177,4 +176,3 @@ def test_deploy_free_port_is_loopback_and_bindable() -> None:
     port = free_port()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
-    assert os.environ.get("FLWR_HOME") is None or "/.flwr" not in os.environ["FLWR_HOME"]

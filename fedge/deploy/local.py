@@ -196,6 +196,9 @@ class LocalDeployment:
 
     def start(self) -> LocalDeployment:
         """Start everything and return once all SuperNodes are online."""
+        if self.superlink is not None and self.superlink.alive():
+            raise DeploymentError(f"already running on {self.address}; call stop() first")
+        self.supernodes, self.extra_processes, self.node_ids = [], [], {}
         deadline = time.monotonic() + self.startup_timeout
         try:
             self._prepare_files()
@@ -303,8 +306,11 @@ class LocalDeployment:
     def list_nodes(self) -> list[dict[str, Any]]:
         """`flwr supernode ls` as dicts (keys include node-id and status)."""
         result = self.flwr("supernode", "ls", self.connection, "--format", "json", timeout=60)
-        nodes = _json_from(result.stdout).get("nodes", [])
-        return [node for node in nodes if isinstance(node, dict)]
+        payload = _json_from(result.stdout)
+        if not payload.get("success"):  # flwr exits 0 even then
+            message = payload.get("error-message") or result.stdout[-500:] + result.stderr[-500:]
+            raise DeploymentError(f"`flwr supernode ls` failed: {message}")
+        return [node for node in payload.get("nodes", []) if isinstance(node, dict)]
 
     def online_node_ids(self) -> set[int]:
         return {
@@ -322,16 +328,21 @@ class LocalDeployment:
         """
         wanted = list(range(len(self.nodes)) if indices is None else indices)
         deadline = time.monotonic() + (self.startup_timeout if timeout is None else timeout)
+        last_error = ""
         while True:
             if self.superlink is None or not self.superlink.alive():
                 log = self.superlink.log_path if self.superlink else self.logs_dir
                 raise DeploymentError(f"the SuperLink is not running; see {log}")
             pending = [index for index in wanted if not self._node_connected(index, deadline)]
-            if not pending and {self.node_ids[i] for i in wanted} <= self.online_node_ids():
-                return
+            if not pending:
+                try:
+                    if {self.node_ids[i] for i in wanted} <= self.online_node_ids():
+                        return
+                except (DeploymentError, subprocess.TimeoutExpired) as exc:
+                    last_error = f" ({exc})"
             if time.monotonic() > deadline:
                 raise DeploymentError(
-                    f"SuperNodes {pending or wanted} are not online in time; see "
+                    f"SuperNodes {pending or wanted} are not online in time{last_error}; see "
                     f"{self.logs_dir} (a busy machine starts slowly: raise the timeout)"
                 )
             time.sleep(1.0)

@@ -154,7 +154,7 @@ def client_share_keys(
         public_key(state.mask_private),
     ):
         raise ProtocolError("the server altered this node's own public keys")
-    if False:
+    if len(peers) < params.threshold:
         raise SecAggAbort(f"only {len(peers)} live neighbours, threshold {params.threshold}")
     for key in enc_keys + mask_keys:
         validate_public_key(key)
