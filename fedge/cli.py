@@ -7,10 +7,35 @@ assembles them, so installing just `fedge[edge]` still gives working edge comman
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+Command = Callable[[argparse.Namespace], int]
+
+
+class UserError(Exception):
+    """A problem the user can fix; its message says how (printed without a traceback)."""
+
+
+def reports_errors(command: Command) -> Command:
+    """Turn the errors a user can fix (bad paths, inputs, settings) into a message and exit 1.
+
+    Their messages already say what to do; a traceback would only bury that.
+    """
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except (OSError, ValueError, ImportError, UserError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+
+    return run
+
 
 COMMAND_GROUPS = (
     ("fedge.edge.export_command", "register_export"),

@@ -3,32 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from fedge.cli import reports_errors
 from fedge.deploy.certs import create_certificates, load_server_hosts
 from fedge.deploy.local import DEFAULT_CONNECTION, DEFAULT_DIR, DeploymentError, LocalDeployment
-
-Command = Callable[[argparse.Namespace], int]
-
-
-def reports_errors(command: Command) -> Command:
-    """Print the errors a user can fix as one message and exit 1 (their text names the fix)."""
-
-    @functools.wraps(command)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return command(args)
-        except (OSError, ValueError, DeploymentError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-
-    return run
 
 
 @reports_errors

@@ -35,6 +35,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from fedge.cli import UserError
+from fedge.client_app.protocol import EDGE_NODE_KEY
 from fedge.deploy.certs import LOOPBACK_HOSTS, CertificateSet, create_certificates
 from fedge.deploy.flwr_config import write_connection
 from fedge.deploy.processes import ManagedProcess, free_port, port_in_use, stop_all
@@ -44,14 +46,13 @@ logger = logging.getLogger(__name__)
 HOST = "127.0.0.1"
 DEFAULT_CONNECTION = "fedge-local"
 DEFAULT_DIR = ".fedge-deploy"
-EDGE_NODE_KEY = "edge"  # fedge.client_app.protocol.EDGE_NODE_KEY (not imported: no flwr app)
 RESERVED_NODE_KEYS = ("partition-id", "num-partitions")
 
 ConfigValue = bool | int | float | str
 _PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")  # the pattern flwr itself uses
 
 
-class DeploymentError(RuntimeError):
+class DeploymentError(UserError):
     """A local deployment could not start or answer; the message says what to check."""
 
 

@@ -3,32 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
+from fedge.cli import reports_errors
 from fedge.edge.runtime import EdgeModel, benchmark, load_input
-
-Command = Callable[[argparse.Namespace], int]
-
-
-def reports_errors(command: Command) -> Command:
-    """Turn the errors a user can fix (bad paths, inputs, settings) into a message and exit 1.
-
-    Their messages already say what to do; a traceback would only bury that.
-    """
-
-    @functools.wraps(command)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return command(args)
-        except (OSError, ValueError, ImportError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-
-    return run
 
 
 @reports_errors

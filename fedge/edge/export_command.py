@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from fedge.cli import reports_errors
 from fedge.edge.artifacts import QUANTIZATIONS
-from fedge.edge.commands import reports_errors
 
 
 @reports_errors

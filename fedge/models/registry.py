@@ -54,14 +54,7 @@ def save_model(
     torch.save({"spec": spec.to_dict(), "state_dict": state, "provenance": provenance or {}}, path)
 
 
-def model_provenance(path: Path) -> dict[str, str | float | int]:
-    """The data a saved model was trained on ({} for models saved without it)."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    return dict(payload.get("provenance", {})) if isinstance(payload, dict) else {}
-
-
-def load_model(path: Path) -> tuple[nn.Module, ModelSpec]:
-    """Rebuild a model saved by `save_model` (or a fedge checkpoint)."""
+def _read_saved_model(path: Path) -> dict[str, object]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"no model file at {path}")
     payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -69,7 +62,18 @@ def load_model(path: Path) -> tuple[nn.Module, ModelSpec]:
         raise ValueError(
             f"{path} is not a fedge model: expected a dict with 'spec' and 'state_dict'"
         )
-    spec = ModelSpec.from_dict(payload["spec"])
+    return payload
+
+
+def model_provenance(path: Path) -> dict[str, str | float | int]:
+    """The data a saved model was trained on ({} for models saved without it)."""
+    return dict(_read_saved_model(path).get("provenance") or {})  # type: ignore[call-overload]
+
+
+def load_model(path: Path) -> tuple[nn.Module, ModelSpec]:
+    """Rebuild a model saved by `save_model` (or a fedge checkpoint)."""
+    payload = _read_saved_model(path)
+    spec = ModelSpec.from_dict(payload["spec"])  # type: ignore[arg-type]
     model = build_model(spec)
     model.load_state_dict(payload["state_dict"])
     model.eval()
