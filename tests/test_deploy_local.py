@@ -22,82 +22,29 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from deploy_helpers import (
+    HOST,
+    REPO,
+    app_copy,
+    kill_leftovers,
+    log_since,
+    pids_with_env_prefix,
+    wait_exit,
+)
 
 from fedge.deploy import LocalDeployment
 from fedge.deploy.certs import create_certificates, generate_node_keypair
 
-REPO = Path(__file__).resolve().parents[1]
-HOST = "127.0.0.1"
 NODES = 3
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc"),
 ]
-
-
-# --- helpers ------------------------------------------------------------------------------
-
-
-def _pids_with_env_prefix(prefix: str) -> list[int]:
-    """Processes whose environment has an entry starting with `prefix` (inherited by helpers)."""
-    wanted = prefix.encode()
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes()
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state not in ("Z", "X") and any(e.startswith(wanted) for e in environ.split(b"\0")):
-            pids.append(int(proc.name))
-    return pids
-
-
-def _kill_leftovers(prefix: str) -> list[int]:
-    """Last resort after a failed stop: SIGKILL what is left, and say what it was."""
-    leftovers = _pids_with_env_prefix(prefix)
-    for pid in leftovers:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return leftovers
-
-
-def app_copy(dest: Path) -> Path:
-    """The project's pyproject.toml without `[tool.flwr.federations]`, which `flwr run` would
-    migrate (rewriting the file). fedge itself is imported from this environment."""
-    dest.mkdir(parents=True)
-    kept, skipping = [], False
-    for line in (REPO / "pyproject.toml").read_text().splitlines():
-        header = re.match(r"\s*\[([^\]]+)\]", line)
-        if header:
-            skipping = header.group(1).strip().startswith("tool.flwr.federations")
-        if not skipping:
-            kept.append(line)
-    (dest / "pyproject.toml").write_text("\n".join(kept) + "\n")
-    return dest
-
-
-def _log_since(path: Path, offset: int) -> str:
-    with path.open("rb") as handle:
-        handle.seek(offset)
-        return handle.read().decode(errors="replace")
-
-
-def _wait_exit(process: Callable[[], int | None], timeout: float) -> int | None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        code = process()
-        if code is not None:
-            return code
-        time.sleep(0.5)
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +59,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDeploy
     finally:
         deployment.stop()
         stragglers = deployment.leftover_processes()
-        leaked = _kill_leftovers(f"FLWR_HOME={directory}")
+        leaked = kill_leftovers(f"FLWR_HOME={directory}")
         assert not stragglers and not leaked, f"processes survived stop(): {stragglers} {leaked}"
 
 
@@ -143,9 +90,9 @@ def test_deploy_refuses_unauthenticated_supernode(
         root_certificates=root,
         max_retries=1,
     )
-    code = _wait_exit(lambda: intruder.returncode, 150)
+    code = wait_exit(lambda: intruder.returncode, 150)
     node_log = intruder.log_path.read_text(errors="replace")
-    link_log = _log_since(federation.superlink.log_path, offset)
+    link_log = log_since(federation.superlink.log_path, offset)
     assert code is not None, f"the intruder is still running:\n{node_log[-2000:]}"
     assert code != 0
     # A node id is only logged once the SuperLink has let a node in (then it pulls messages).
@@ -445,17 +392,17 @@ def test_deploy_cli_sigterm_stops_everything(tmp_path: Path) -> None:
                 command = line.strip()
         output = "".join(lines)
         assert command == f"FLWR_HOME={directory}/flwr-home flwr run . fedge-local --stream", output
-        running = _pids_with_env_prefix(f"FLWR_HOME={directory}")
+        running = pids_with_env_prefix(f"FLWR_HOME={directory}")
         assert len(running) >= 2, running  # SuperLink, SuperNode and their helpers
 
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=90) == 0
         rest, _ = process.communicate(timeout=10)
         assert "stopping" in rest
-        assert _pids_with_env_prefix(f"FLWR_HOME={directory}") == []
+        assert pids_with_env_prefix(f"FLWR_HOME={directory}") == []
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
-        leaked = _kill_leftovers(f"FLWR_HOME={directory}")
+        leaked = kill_leftovers(f"FLWR_HOME={directory}")
         assert not leaked, f"left running: {leaked}"

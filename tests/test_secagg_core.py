@@ -199,6 +199,7 @@ def test_sparse_graph_sum_is_right_or_round_aborts(
     else:
         with pytest.raises(SecAggAbort):
             rnd.run()
+        assert Stage.UNMASK not in rnd.inbox  # no share is revealed for a doomed round
 
 
 def test_early_dropout_prunes_starved_neighbours_and_still_aggregates() -> None:

@@ -1,8 +1,8 @@
 """Per-round bookkeeping, run as Flower's `evaluate_fn` after every round.
 
-Centralized evaluation on the held-out split, then a checkpoint, then one
-metrics.jsonl row and a progress line — in that order, so a crash between
-them never leaves metrics for a round the checkpoint does not hold.
+Centralized evaluation on the held-out split, then one metrics.jsonl row, then
+a checkpoint — in that order, so a crash between the two leaves at most a row
+the checkpoint does not hold, which resume drops before re-running that round.
 """
 
 from __future__ import annotations
@@ -74,10 +74,10 @@ class RoundRecorder:
             row["num_declined"] = report.num_declined
         row.update({key.replace("-", "_"): value for key, value in report.val_metrics.items()})
         self._last_time = now
+        self.folder.append_metrics(row)
         self.folder.save_checkpoint(
             Checkpoint(absolute, arrays, self.strategy_arrays(), self.checkpoint_state())
         )
-        self.folder.append_metrics(row)
         log(
             INFO,
             "fedge: round %s/%s  test_accuracy=%.4f  test_loss=%.4f  train_loss=%s  "
