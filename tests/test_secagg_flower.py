@@ -253,6 +253,11 @@ def _corrupt_first_ciphertext(reply: Message) -> Message:
     return reply
 
 
+def _relabel(reply: Message, stage: Stage) -> Message:
+    reply.content.config_records[SECAGG_PAYLOAD_KEY]["stage"] = stage.value
+    return reply
+
+
 TAMPERINGS: dict[str, tuple[Stage, Tamper, str]] = {
     "int64-dtype": (
         Stage.MASKED_INPUT,
@@ -269,6 +274,11 @@ TAMPERINGS: dict[str, tuple[Stage, Tamper, str]] = {
         Stage.MASKED_INPUT,
         lambda r: _replace_masked(r, np.append(_masked(r), np.uint32(0))),
         "shape",
+    ),
+    "wrong-stage-label": (
+        Stage.MASKED_INPUT,
+        lambda r: _relabel(r, Stage.SHARE_KEYS),
+        "expected stage",
     ),
     # a forged share for one peer: that peer reports the sender, who is dropped
     # even though its (well-formed) masked upload did arrive

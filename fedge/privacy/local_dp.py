@@ -27,6 +27,7 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader
 
+import fedge.privacy._opacus  # noqa: F401  (before opacus: keeps the root logger clean)
 from fedge.privacy._common import check_noise_multiplier, check_positive
 from fedge.privacy.accountant import check_step, rdp_epsilon
 

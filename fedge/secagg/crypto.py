@@ -108,15 +108,21 @@ def decrypt_share(
         raise ProtocolError(f"ciphertext from node {sender} failed authentication") from exc
 
 
-def expand_mask(seed: bytes, length: int) -> NDArray[np.uint32]:
-    """ChaCha20 keystream under the 256-bit `seed`, read as `length` uint32s.
+def keystream(key: bytes, num_bytes: int) -> bytes:
+    """`num_bytes` of ChaCha20 keystream under the 256-bit `key`.
 
-    Each seed keys exactly one stream, so the all-zero nonce is safe.
+    Each key keys exactly one stream, so the all-zero nonce is safe.
     """
-    if len(seed) != KEY_BYTES:
-        raise ValueError(f"mask seed must be {KEY_BYTES} bytes")
-    stream = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
-    return np.frombuffer(stream.update(bytes(4 * length)), dtype="<u4").astype(np.uint32)
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"keystream key must be {KEY_BYTES} bytes")
+    return (
+        Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(num_bytes))
+    )
+
+
+def expand_mask(seed: bytes, length: int) -> NDArray[np.uint32]:
+    """The mask of a 256-bit `seed`: its keystream read as `length` uint32s."""
+    return np.frombuffer(keystream(seed, 4 * length), dtype="<u4").astype(np.uint32)
 
 
 def pairwise_mask(

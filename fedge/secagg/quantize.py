@@ -24,6 +24,8 @@ from numbers import Integral
 import numpy as np
 from numpy.typing import NDArray
 
+from fedge.secagg.crypto import KEY_BYTES, keystream
+
 MIN_RESOLUTION_BITS = 8
 _MAX_SUM = 2**31 - 1
 
@@ -95,6 +97,10 @@ def quantization_error_bound(num_clients: int, max_weight: int, clip_range: floa
 
 
 def _uniforms(size: int) -> NDArray[np.float64]:
-    """Uniforms on [0, 1) with 53 random bits each, drawn from the OS CSPRNG."""
-    raw = np.frombuffer(os.urandom(8 * size), dtype="<u8")
+    """Uniforms on [0, 1) with 53 random bits each from a CSPRNG.
+
+    A ChaCha20 stream under a fresh OS-random key: as unpredictable as reading
+    os.urandom for every value, and several times faster for large vectors.
+    """
+    raw = np.frombuffer(keystream(os.urandom(KEY_BYTES), 8 * size), dtype="<u8")
     return (raw >> np.uint64(11)).astype(np.float64) * 2.0**-53
