@@ -19,11 +19,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
 
-import fedge.privacy._opacus  # noqa: F401  (before opacus: keeps the root logger clean)
 from fedge.privacy._common import check_delta, check_noise_multiplier
+from fedge.privacy._opacus import RDPAccountant, rdp_analysis
 
 # Opacus's RDPAccountant history: (noise_multiplier, sample_rate, steps) runs.
 History = Sequence[tuple[float, float, int]]

@@ -20,15 +20,16 @@ from types import TracebackType
 from typing import Any
 
 import torch
-from opacus import PrivacyEngine
-from opacus.accountants import RDPAccountant
-from opacus.grad_sample.gsm_base import AbstractGradSampleHooks
-from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader
 
-import fedge.privacy._opacus  # noqa: F401  (before opacus: keeps the root logger clean)
 from fedge.privacy._common import check_noise_multiplier, check_positive
+from fedge.privacy._opacus import (
+    AbstractGradSampleHooks,
+    DPOptimizer,
+    PrivacyEngine,
+    RDPAccountant,
+)
 from fedge.privacy.accountant import check_step, rdp_epsilon
 
 AccountantState = Mapping[str, Any] | bytes | str
