@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 
 def plot_metrics(rows: list[dict[str, Any]], path: Path) -> None:
@@ -38,6 +39,8 @@ def plot_metrics(rows: list[dict[str, Any]], path: Path) -> None:
     loss_ax.set(xlabel="round", ylabel="cross-entropy", title="Loss")
     loss_ax.grid(alpha=0.3)
     loss_ax.legend()
+    for axis in (acc_ax, loss_ax):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
