@@ -28,7 +28,7 @@ Two measurements, printed as one JSON object on stdout:
    digits CNN and a 1M-parameter model, alternating calls; plus fedge's
    per-round checkpoint + metrics row write on the same arrays.
 
-Usage: `python benchmarks/fedavg.py [--rounds 6] [--repeats 3] [--out result.json]`
+Usage: `python benchmarks/fedavg.py [--rounds 4] [--repeats 6] [--out result.json]`
 """
 
 from __future__ import annotations

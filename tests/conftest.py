@@ -13,6 +13,16 @@ import pytest
 IDX_UBYTE = 0x08
 
 
+@pytest.fixture(autouse=True)
+def isolated_node_state(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Each test's nodes keep their local-DP ledgers in a fresh folder, never in ~/.fedge."""
+    folder = tmp_path_factory.mktemp("node-state")
+    monkeypatch.setenv("FEDGE_NODE_STATE_DIR", str(folder))
+    return folder
+
+
 def idx_bytes(array: np.ndarray) -> bytes:
     """An unsigned-byte array in MNIST's IDX format (magic 0x0000 08 <ndim>, big-endian dims)."""
     header = bytes([0, 0, IDX_UBYTE, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,3 +130,24 @@ def test_budget_checks() -> None:
 def test_rejects_malformed_state(state: AccountantState) -> None:
     with pytest.raises(ValueError, match="not a local-DP accountant state"):
         local_epsilon(state, DELTA)
+
+
+def test_node_ledger_survives_runs_and_is_per_dataset(tmp_path: Path, monkeypatch) -> None:
+    """ε belongs to the node's data: a new run (fresh context.state) continues it."""
+    from flwr.app import Context, RecordDict
+
+    from fedge.client_app.local_ledger import ledger_path, load_ledger, save_ledger
+    from fedge.config import FedgeConfig
+
+    monkeypatch.setenv("FEDGE_NODE_STATE_DIR", str(tmp_path))
+    node = {"partition-id": 1, "num-partitions": 4}
+
+    def path_for(**run_config: object) -> Path:
+        context = Context(0, 7, node, RecordDict(), {})
+        return ledger_path(FedgeConfig.from_run_config(run_config), context)
+
+    first = path_for(**{"run-name": "a"})
+    save_ledger(first, b'{"mechanism": "rdp", "history": [[1.0, 0.1, 5]]}')
+    assert load_ledger(path_for(**{"run-name": "b", "resume": False})) == first.read_bytes()
+    assert path_for(dataset="breast-cancer") != first
+    assert first.parent == tmp_path

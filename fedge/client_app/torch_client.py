@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from fedge.client_app.local_data import LocalData, local_data, local_seed
+from fedge.client_app.local_ledger import ledger_path, load_ledger, save_ledger
 from fedge.client_app.privatize import privatize_update
 from fedge.client_app.protocol import DECLINED_KEY, LOCAL_EPSILON_KEY, REPLY_KEY, WEIGHT_KEY
 from fedge.config import FedgeConfig
@@ -16,9 +18,6 @@ from fedge.models import build_model, load_numpy_state, state_to_numpy
 from fedge.models.training import evaluate as evaluate_model
 from fedge.models.training import make_loader, train_epochs
 from fedge.records import NamedArrays, from_array_record, to_array_record
-
-LOCAL_DP_STATE = "local-dp"
-"""context.state record holding this node's Opacus accountant across rounds."""
 
 logger = logging.getLogger(__name__)
 
@@ -78,14 +77,19 @@ def train_locally(
             budget,
         )
         return LocalResult(None, float("nan"), spent, accountant_state)
-    with make_local_dp(
-        model,
-        optimizer,
-        loader,
-        noise_multiplier=config.local_dp_noise_multiplier,
-        max_grad_norm=config.local_dp_max_grad_norm,
-        accountant_state=accountant_state,
-    ) as private:
+    with (
+        make_local_dp(
+            model,
+            optimizer,
+            loader,
+            noise_multiplier=config.local_dp_noise_multiplier,
+            max_grad_norm=config.local_dp_max_grad_norm,
+            accountant_state=accountant_state,
+        ) as private,
+        warnings.catch_warnings(),
+    ):
+        # Opacus's per-sample hooks make torch warn on every backward; it is expected.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
         loss = train_epochs(
             private.model,
             private.data_loader,
@@ -109,17 +113,17 @@ def local_update(
     data = local_data(config, context)
     global_arrays = from_array_record(msg.content.array_records["arrays"])
     train_config = msg.content.config_records["config"]
-    stored = context.state.config_records.get(LOCAL_DP_STATE)
+    ledger = ledger_path(config, context) if config.local_dp else None
     result = train_locally(
         config,
         data,
         global_arrays,
         int(train_config.get("server-round", 0)),
-        stored.get("accountant") if stored else None,  # type: ignore[arg-type]
+        load_ledger(ledger) if ledger else None,
     )
     metrics = MetricRecord({WEIGHT_KEY: len(data.y_train)})
-    if result.accountant_state is not None:
-        context.state[LOCAL_DP_STATE] = ConfigRecord({"accountant": result.accountant_state})
+    if ledger is not None and result.accountant_state is not None:
+        save_ledger(ledger, result.accountant_state)
         metrics[LOCAL_EPSILON_KEY] = float(result.local_epsilon or 0.0)
     if result.arrays is None:
         metrics[DECLINED_KEY] = 1

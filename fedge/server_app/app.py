@@ -46,7 +46,7 @@ def edge_backbone_exporter(
 
 
 def build_strategy(config: FedgeConfig, spec: ModelSpec, bundle: DatasetBundle) -> FedgeAvg:
-    privacy = None if config.dp_mode == "none" else ServerPrivacy(config, config.min_train_nodes)
+    privacy = None if config.dp_mode == "none" else ServerPrivacy(config)
     return FedgeAvg(
         privacy=privacy,
         server_lr=config.server_lr,

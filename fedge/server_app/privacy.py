@@ -29,12 +29,12 @@ class BudgetExhausted(Exception):
 
 
 class ServerPrivacy:
-    def __init__(self, config: FedgeConfig, min_clients: int) -> None:
-        """`min_clients`: fewest contributors a round can complete with (distributed DP)."""
+    def __init__(self, config: FedgeConfig) -> None:
         self.config = config
         self.mode = config.dp_mode
         self.ledger = PrivacyLedger(config.dp_delta)
-        self.min_clients = config.dp_min_clients or min_clients
+        self.min_clients = config.dp_min_clients
+        self.fewest_contributors = 1
         self.adaptive: AdaptiveClipping | None = None
         self.stop_reason: str | None = None
         self.sample_rate = 0.0
@@ -61,13 +61,32 @@ class ServerPrivacy:
             min_clients=self.min_clients,
         )
 
-    def start_round(self, server_round: int, num_sampled: int, num_nodes: int) -> None:
-        """Refuse (raise `BudgetExhausted`) a round that could push ε past the budget.
+    def provision(self, threshold: int) -> None:
+        """Distributed DP: a SecAgg round completes with at least `threshold` clients.
 
-        Distributed noise is provisioned for `min_clients` survivors, and a round
-        with fewer aborts, so the realized noise multiplier is never below σ:
-        checking with σ is conservative.
+        Noise is provisioned for `dp-min-clients` survivors (default: exactly
+        `threshold`), so the realized noise multiplier is at least σ unless a
+        larger `dp-min-clients` was chosen; the budget check uses the worst case.
         """
+        self.fewest_contributors = threshold
+        self.min_clients = self.config.dp_min_clients or threshold
+
+    def worst_case_noise_multiplier(self) -> float:
+        sigma = self.config.dp_noise_multiplier
+        if self.mode != "distributed":
+            return sigma
+        return min(
+            sigma,
+            realized_noise_multiplier(
+                noise_multiplier=sigma,
+                min_clients=self.min_clients,
+                num_contributors=self.fewest_contributors,
+            ),
+        )
+
+    def start_round(self, server_round: int, num_sampled: int, num_nodes: int) -> None:
+        """Refuse (raise `BudgetExhausted`) a round that could push ε past the budget,
+        checked with the smallest noise the round could end up with."""
         self.sample_rate = num_sampled / max(num_nodes, 1)
         if self.adaptive is None and self.config.dp_adaptive_clipping:
             count_stddev = self.config.dp_count_stddev or num_sampled / 20
@@ -80,7 +99,7 @@ class ServerPrivacy:
         budget = self.config.dp_max_epsilon
         if budget > 0 and self.ledger.would_exceed(
             max_epsilon=budget,
-            noise_multiplier=self.config.dp_noise_multiplier,
+            noise_multiplier=self.worst_case_noise_multiplier(),
             sample_rate=self.sample_rate,
         ):
             self.stop_reason = (

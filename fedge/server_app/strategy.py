@@ -106,16 +106,18 @@ class FedgeAvg(FedAvg):
         self.report = RoundReport()
         config[REPLY_KEY] = "update"
         self.add_edge_backbone(config, self.current_arrays)
-        if self.privacy is not None:
+        absolute = self.absolute_round(server_round)
+        messages = list(super().configure_train(absolute, arrays, config, grid))
+        self.report.num_sampled = len(messages)
+        # Every message shares `config`, so settings written now still reach all of them.
+        if self.privacy is not None and messages:
+            if self.secagg is not None:
+                self.privacy.provision(self.secagg.shape(len(messages))[1])
+            self.privacy.start_round(absolute, len(messages), len(list(grid.get_node_ids())))
             for key, value in self.privacy.client_config().items():
                 config[key] = value
         elif self.secagg is not None:
             config[CLIP_KEY] = self.secagg.clip_norm
-        absolute = self.absolute_round(server_round)
-        messages = list(super().configure_train(absolute, arrays, config, grid))
-        self.report.num_sampled = len(messages)
-        if self.privacy is not None and messages:
-            self.privacy.start_round(absolute, len(messages), len(list(grid.get_node_ids())))
         self.secure_round = None
         if self.secagg is None or not messages:
             return messages
