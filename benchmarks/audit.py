@@ -97,7 +97,7 @@ def strategy_audit(
             "dp-delta": DELTA,
         }
     )
-    privacy = ServerPrivacy(config, min_clients=2)
+    privacy = ServerPrivacy(config)
     strategy = FedgeAvg(privacy=privacy, min_train_nodes=2, min_available_nodes=2)
     nodes = list(range(1, num_canaries + 1))
     grid = StubGrid(nodes)

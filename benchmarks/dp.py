@@ -47,8 +47,6 @@ import argparse
 import json
 import logging
 import math
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -57,13 +55,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import flwr
 import numpy as np
-import opacus
 import torch
 from flwr.app import Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from opacus.accountants.utils import get_noise_multiplier
+from report import finish, machine
 from torch import nn
 
 from fedge.client_app.local_data import LocalData
@@ -464,18 +461,6 @@ def local_round_timing(repeats: int, seed: int) -> dict[str, Any]:
     }
 
 
-def machine() -> dict[str, Any]:
-    return {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "flwr": flwr.__version__,
-        "torch": torch.__version__,
-        "opacus": opacus.__version__,
-        "loadavg_1_5_15_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
@@ -499,7 +484,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     started = time.perf_counter()
-    report: dict[str, Any] = {"benchmark": "dp", "machine": machine()}
+    report: dict[str, Any] = {"benchmark": "dp", "machine": machine("flwr", "torch", "opacus")}
     report["step_time"] = [
         step_timing(args.step_repeats, 1, args.seed),
         step_timing(args.step_repeats, torch.get_num_threads(), args.seed),
@@ -538,13 +523,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if args.more_clients:
                 more = central_table(base, args.more_clients, args.epsilons, 1, out_dir)
                 report[f"accuracy_vs_epsilon_{args.more_clients}_clients"] = aggregate_table(more)
-    report["loadavg_1_5_15_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    report["total_s"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-    return report
+    return finish(report, started, args.out)
 
 
 if __name__ == "__main__":

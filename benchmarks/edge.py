@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from report import finish, machine
 
 if TYPE_CHECKING:
     from torch import nn
@@ -438,21 +438,6 @@ def synthetic_case(size: int, width: int, work: Path, seed: int, rounds: int) ->
     }
 
 
-def machine() -> dict[str, Any]:
-    import onnxruntime as ort
-    import torch
-
-    return {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": ort.__version__,
-        "threads_for_latency": 1,
-        "loadavg_1_5_15_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 32, 64])
@@ -468,7 +453,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     started = time.perf_counter()
-    report: dict[str, Any] = {"benchmark": "edge", "machine": machine(), "targets": TARGETS}
+    report: dict[str, Any] = {
+        "benchmark": "edge",
+        "machine": machine("torch", "onnxruntime") | {"threads_for_latency": 1},
+        "targets": TARGETS,
+    }
     report["cases"] = {}
     with stdout_to_stderr(), tempfile.TemporaryDirectory(prefix="fedge-edge-bench-") as tmp:
         for size in args.sizes:
@@ -486,13 +475,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             report["synthetic"][name] = synthetic_case(
                 size, args.synthetic_width, Path(tmp), args.seed, args.rounds
             )
-    report["loadavg_1_5_15_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    report["total_s"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-    return report
+    return finish(report, started, args.out)
 
 
 if __name__ == "__main__":

@@ -35,10 +35,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
-import os
-import platform
 import random
 import statistics
 import sys
@@ -48,7 +45,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import flwr
 import numpy as np
 import torch
 from flwr.app import (
@@ -64,6 +60,7 @@ from flwr.app import (
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
+from report import finish, machine
 
 from fedge.config import FedgeConfig
 from fedge.models import build_model, load_numpy_state, state_to_numpy
@@ -392,19 +389,6 @@ def microbenchmark(repeats: int, clients: int, seed: int) -> dict[str, Any]:
         flwr_logger.setLevel(level)
 
 
-def machine() -> dict[str, Any]:
-    return {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "flwr": flwr.__version__,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "loadavg_1_5_15_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -426,7 +410,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     started = time.perf_counter()
-    report: dict[str, Any] = {"benchmark": "fedavg", "machine": machine()}
+    report: dict[str, Any] = {"benchmark": "fedavg", "machine": machine("flwr", "torch")}
     report["aggregate_train"] = microbenchmark(args.micro_repeats, args.clients, args.seed)
     if not args.skip_rounds:
         with tempfile.TemporaryDirectory(prefix="fedge-bench-") as out_dir:
@@ -450,13 +434,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 | {"output-dir": "<tmp>"},
             }
             report["rounds"] = summarize_rounds(_SEGMENTS)
-    report["loadavg_1_5_15_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    report["total_s"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-    return report
+    return finish(report, started, args.out)
 
 
 if __name__ == "__main__":

@@ -49,8 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -60,7 +58,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import flwr
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.client import NumPyClient
@@ -80,6 +77,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+from report import finish, machine
 
 from fedge.client_app import app as fedge_client_app
 from fedge.client_app import torch_client
@@ -560,21 +558,6 @@ def accuracy_comparison(seed: int) -> dict[str, Any]:
 # --- CLI ----------------------------------------------------------------------------------
 
 
-def machine() -> dict[str, Any]:
-    import cryptography
-
-    return {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "flwr": flwr.__version__,
-        "numpy": np.__version__,
-        "cryptography": cryptography.__version__,
-        "loadavg_1_5_15_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
 def parse_size(text: str) -> tuple[int, int]:
     params, _, clients = text.lower().partition("x")
     return int(params), int(clients)
@@ -611,7 +594,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Server-side messages carry the ServerApp task's identity, set by Flower at runtime.
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     started = time.perf_counter()
-    report: dict[str, Any] = {"benchmark": "secagg", "machine": machine()}
+    report: dict[str, Any] = {
+        "benchmark": "secagg",
+        "machine": machine("flwr", "numpy", "cryptography"),
+    }
     if not args.skip_protocol:
         report["harness"] = "in-memory WireGrid (protobuf round trip per message), one process"
         report["protocol"] = [
@@ -620,13 +606,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ]
     if args.accuracy:
         report["accuracy"] = accuracy_comparison(args.seed)
-    report["loadavg_1_5_15_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    report["total_s"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-    return report
+    return finish(report, started, args.out)
 
 
 if __name__ == "__main__":

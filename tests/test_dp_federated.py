@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.app.metadata import Metadata
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+from grids import NodeGrid
 from opacus.accountants import RDPAccountant
 from scipy import stats
 
@@ -68,33 +68,7 @@ def read_privacy(run_dir: Path) -> dict[str, Any]:
 NODES = (11, 22, 33)
 
 
-class StaticGrid(Grid):
-    """A grid that only knows its nodes: enough for the strategy to sample them."""
-
-    def __init__(self, node_ids: tuple[int, ...]) -> None:
-        self.node_ids = list(node_ids)
-
-    def set_run(self, run):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def get_node_ids(self) -> list[int]:
-        return self.node_ids
-
-    def push_messages(self, messages):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
+StaticGrid = NodeGrid
 
 
 @pytest.fixture
@@ -136,7 +110,7 @@ def test_central_noise_on_zero_updates_has_std_sigma_times_clip(sigma: float, cl
     config = FedgeConfig.from_run_config(
         {"dp-mode": "central", "dp-noise-multiplier": sigma, "dp-clipping-norm": clip}
     )
-    privacy = ServerPrivacy(config, min_clients=2)
+    privacy = ServerPrivacy(config)
     strategy = FedgeAvg(privacy=privacy, min_train_nodes=2, min_available_nodes=2)
     messages = list(
         strategy.configure_train(1, to_array_record(old), ConfigRecord(), StaticGrid(NODES))

@@ -31,8 +31,8 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.common.serde import message_from_proto, message_to_proto
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+from grids import NodeGrid, node_contexts
 
 from fedge.client_app import app as client_app
 from fedge.client_app import secure_client
@@ -97,7 +97,7 @@ def distance_to(got: ArrayRecord, members: list[int]) -> float:
 Tamper = Callable[[Message], Message]
 
 
-class SecAggGrid(Grid):
+class SecAggGrid(NodeGrid):
     """Delivers each message to fedge's ClientApp handlers for node `dst_node_id`.
 
     Every message and reply crosses Flower's protobuf wire format. `kill_at`
@@ -106,39 +106,12 @@ class SecAggGrid(Grid):
     """
 
     def __init__(self, nodes: Iterable[int]) -> None:
-        self.contexts = {
-            node: Context(
-                run_id=1,
-                node_id=node,
-                node_config={"partition-id": i, "num-partitions": len(NODES)},
-                state=RecordDict(),
-                run_config={},
-            )
-            for i, node in enumerate(nodes)
-        }
+        self.contexts = node_contexts(nodes)
+        super().__init__(self.contexts)
         self.kill_at: dict[int, str] = {}
         self.tamper: dict[tuple[int, str], Tamper] = {}
         self.dead: set[int] = set()
         self.sent: list[str] = []  # message types, in order
-
-    def set_run(self, run):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
 
     def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
         replies = []

@@ -20,6 +20,7 @@ import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.task_identity import TaskIdentity
+from grids import NodeGrid, node_contexts
 
 from fedge.client_app import app as client_app
 from fedge.config import ConfigError, FedgeConfig
@@ -210,42 +211,15 @@ def test_invalid_config_fails_before_any_simulation_starts(tmp_path: Path) -> No
 # --- LocalGrid: the same apps without Ray -----------------------------------------------
 
 
-class LocalGrid(Grid):
+class LocalGrid(NodeGrid):
     """Each message goes straight to fedge's ClientApp, as node `partition-id` would run it."""
 
     def __init__(
         self, run_config: dict[str, Any], num_nodes: int, poisoned_node: int | None = None
     ) -> None:
-        self.contexts = {
-            100 + pid: Context(
-                run_id=1,
-                node_id=100 + pid,
-                node_config={"partition-id": pid, "num-partitions": num_nodes},
-                state=RecordDict(),
-                run_config=run_config,
-            )
-            for pid in range(num_nodes)
-        }
+        self.contexts = node_contexts(range(100, 100 + num_nodes), run_config)
+        super().__init__(self.contexts)
         self.poisoned_node = poisoned_node
-
-    def set_run(self, run):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
 
     def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
         replies = []

@@ -17,8 +17,8 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.app.metadata import Metadata
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+from grids import NodeGrid
 
 from fedge.client_app.protocol import REPLY_KEY
 from fedge.records import NamedArrays, from_array_record, to_array_record
@@ -95,33 +95,7 @@ def error_reply(node_id: int) -> Message:
     )
 
 
-class StaticGrid(Grid):
-    """A grid that only knows its nodes: enough for the strategy to sample them."""
-
-    def __init__(self, node_ids: Iterable[int]) -> None:
-        self.node_ids = list(node_ids)
-
-    def set_run(self, run):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def get_node_ids(self) -> list[int]:
-        return self.node_ids
-
-    def push_messages(self, messages):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
+StaticGrid = NodeGrid
 
 
 @pytest.fixture(autouse=True)

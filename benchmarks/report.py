@@ -1,0 +1,38 @@
+"""What every benchmark records about the machine, and how it emits its JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+
+def machine(*packages: str) -> dict[str, Any]:
+    """CPU, Python, the named packages' versions and the load when the run starts.
+
+    The load average matters: these machines are shared, so ratios measured in
+    one run are what to compare, not absolute seconds.
+    """
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        **{package: version(package) for package in packages},
+        "loadavg_1_5_15_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def finish(report: dict[str, Any], started: float, out: Path | None) -> dict[str, Any]:
+    """Add the end load and wall time, print the JSON, and save it to `out` if given."""
+    report["loadavg_1_5_15_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["total_s"] = round(time.perf_counter() - started, 1)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        out.write_text(text + "\n")
+    return report
