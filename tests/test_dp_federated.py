@@ -36,6 +36,7 @@ from fedge.data import client_split
 from fedge.records import NamedArrays, from_array_record, to_array_record
 from fedge.server_app.privacy import ServerPrivacy
 from fedge.server_app.run_folder import RunFolder
+from fedge.server_app.secure_round import SecAggSettings
 from fedge.server_app.strategy import FedgeAvg
 from fedge.simulation import run_inprocess
 from fedge.task import dataset_for
@@ -382,7 +383,10 @@ def test_distributed_dp_with_secagg_accounts_the_realized_noise(distributed_run:
     assert privacy["mode"] == "distributed"
     assert privacy["stop_reason"] == "completed all rounds"
     min_clients = privacy["min_clients"]
-    assert 1 <= min_clients <= DISTRIBUTED_NODES
+    # dp-min-clients=0 provisions the noise for the SecAgg threshold: the fewest
+    # survivors a round can complete with
+    threshold = SecAggSettings.from_config(FedgeConfig()).shape(DISTRIBUTED_NODES)[1]
+    assert min_clients == threshold
     # each of n clients added std σC/sqrt(m_min): the sum has σ·sqrt(n/m_min) >= σ
     realized = DISTRIBUTED_SIGMA * math.sqrt(DISTRIBUTED_NODES / min_clients)
     assert realized >= DISTRIBUTED_SIGMA
