@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +13,17 @@ import pytest
 IDX_UBYTE = 0x08
 
 
-@pytest.fixture(autouse=True)
-def isolated_node_state(
-    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
-) -> Path:
-    """Each test's nodes keep their local-DP ledgers in a fresh folder, never in ~/.fedge."""
+@pytest.fixture(autouse=True, scope="session")
+def isolated_node_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Nodes keep their local-DP ledgers in a session folder, never in ~/.fedge.
+
+    Session-wide, so module-scoped simulation fixtures (set up before any
+    function-scoped fixture) see it too.
+    """
     folder = tmp_path_factory.mktemp("node-state")
-    monkeypatch.setenv("FEDGE_NODE_STATE_DIR", str(folder))
-    return folder
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDGE_NODE_STATE_DIR", str(folder))
+        yield folder
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
