@@ -19,13 +19,17 @@ pays for Ray's actors or for each SuperNode fetching and installing the app), th
 deploy/sim ratio of medians, and each run's wall time.
 
 While `flwr run` runs, a thread tails every SuperNode log (they carry no timestamps)
-and stamps each line as it appears, to split a message's life on a node into
-`pickup` (Receiving -> `Start flwr-clientapp`: pulling the message, SuperExec's 1 s
-task poll), `clientapp` (start -> Sending: a fresh `flwr-clientapp` process, its imports
-and the handler) and `gap` (the node's previous reply sent -> this message received: the
-stage's slowest node, the ServerApp's 3 s reply poll, its own work and the SuperNode's
-3 s idle poll). `cold_import_s` times a bare interpreter importing what a ClientApp
-process imports (fedge's ClientApp; plus torch for training messages).
+and stamps each line as it appears (50 ms poll), to split a message's life on a node:
+`pickup` (the SuperNode's "Receiving" -> the new `flwr-clientapp` process's first log
+line: pulling the message, SuperExec's 1 s task poll, starting Python and importing
+Flower's CLI), `clientapp` (-> the SuperNode's "Sending": loading fedge's ClientApp, the
+handler, including importing torch and training for train/evaluate messages, handing
+the reply back, and the SuperNode's 0.5 s reply poll) and `gap` (the node's previous
+reply sent -> this message received: the stage's slowest node, the ServerApp's 3 s
+reply poll, its own work and the SuperNode's 3 s idle poll). `cold_import_s` times a
+bare interpreter importing what a ClientApp process imports (fedge's ClientApp; plus
+torch for train/evaluate messages), and `tls_health_check_ms` one HTTPS request to the
+SuperLink on a fresh TLS connection.
 
 Usage: `python benchmarks/deploy_latency.py [--rounds 3] [--nodes 3]
 [--variants plain secagg] [--out result.json]`
@@ -34,10 +38,7 @@ Usage: `python benchmarks/deploy_latency.py [--rounds 3] [--nodes 3]
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import platform
 import re
 import statistics
 import subprocess
@@ -52,8 +53,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-import flwr  # noqa: E402
 from deploy_helpers import app_copy, read_rows, run_config_arg  # noqa: E402
+from report import finish, machine  # noqa: E402
 
 from fedge.deploy import LocalDeployment  # noqa: E402
 
@@ -142,6 +143,16 @@ def cold_import_s(code: str, repeats: int = 3) -> float:
     return round(statistics.median(times), 2)
 
 
+def tls_health_check_ms(federation: LocalDeployment, repeats: int = 20) -> float:
+    """Median of GET /health over a fresh TLS connection to the SuperLink (handshake included)."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        assert federation.healthy()
+        times.append(time.perf_counter() - started)
+    return round(1000 * statistics.median(times), 1)
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     seconds = [float(row["seconds"]) for row in rows]
     return {
@@ -207,19 +218,6 @@ def run_deploy(
     return report
 
 
-def machine() -> dict[str, Any]:
-    import torch
-
-    return {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "flwr": flwr.__version__,
-        "torch": torch.__version__,
-        "loadavg_1_5_15_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -235,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     started = time.perf_counter()
-    report: dict[str, Any] = {"benchmark": "deploy_latency", "machine": machine()}
+    report: dict[str, Any] = {"benchmark": "deploy_latency", "machine": machine("flwr", "torch")}
     report["setup"] = {"rounds": args.rounds, "nodes": args.nodes, "dataset": "digits"}
     report["cold_import_s"] = {
         "fedge_clientapp": cold_import_s("import flwr.clientapp, fedge.client_app.app"),
@@ -255,6 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.nodes, root / "deploy", port_base=0, workdir=root, startup_timeout=300
         ) as federation:
             report["deployment_start_s"] = round(time.perf_counter() - deploy_started, 1)
+            report["tls_health_check_ms"] = tls_health_check_ms(federation)
             for variant in args.variants:
                 logger.info("deployment: %s", variant)
                 results[variant]["deploy"] = run_deploy(
@@ -268,13 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 deploy["median_after_round_1_s"] / sim["median_after_round_1_s"], 2
             )
     report["variants"] = results
-    report["loadavg_1_5_15_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    report["total_s"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-    return report
+    return finish(report, started, args.out)
 
 
 if __name__ == "__main__":
