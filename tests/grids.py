@@ -6,10 +6,12 @@ message delivery is replaced.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import Context, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app.metadata import Metadata
 from flwr.serverapp import Grid
 
 
@@ -57,3 +59,19 @@ def node_contexts(
         )
         for i, node in enumerate(ids)
     }
+
+
+def instruction(node_id: int, message_type: str = MessageType.TRAIN) -> Message:
+    """The message a node would have received (what the SuperLink stores): reply to it."""
+    metadata = Metadata(
+        run_id=7,
+        message_id=f"instruction-{node_id}",
+        src_node_id=0,
+        dst_node_id=node_id,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=message_type,
+    )
+    return Message(RecordDict(), metadata=metadata)

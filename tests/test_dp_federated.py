@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.app.metadata import Metadata
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from grids import NodeGrid
+from grids import NodeGrid, instruction
 from opacus.accountants import RDPAccountant
 from scipy import stats
 
@@ -81,21 +79,10 @@ def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def zero_reply(node_id: int, arrays: NamedArrays) -> Message:
     """A ClientApp's reply carrying an all-zero (so trivially clipped) update."""
-    metadata = Metadata(
-        run_id=7,
-        message_id=f"instruction-{node_id}",
-        src_node_id=0,
-        dst_node_id=node_id,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type=MessageType.TRAIN,
-    )
     update = {name: np.zeros_like(value) for name, value in arrays.items()}
     metrics = MetricRecord({WEIGHT_KEY: 10, "train-loss": 1.0, UNCLIPPED_KEY: 1})
     content = RecordDict({"arrays": to_array_record(update), "metrics": metrics})
-    return Message(content, reply_to=Message(RecordDict(), metadata=metadata))
+    return Message(content, reply_to=instruction(node_id))
 
 
 @pytest.mark.usefixtures("serverapp_identity")

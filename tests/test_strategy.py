@@ -3,7 +3,6 @@ updates, and every kind of bad reply being dropped."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -16,9 +15,8 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.app.metadata import Metadata
 from flwr.supercore.task_identity import TaskIdentity
-from grids import NodeGrid
+from grids import NodeGrid, instruction
 
 from fedge.client_app.protocol import REPLY_KEY
 from fedge.records import NamedArrays, from_array_record, to_array_record
@@ -49,22 +47,6 @@ def delta(seed: int, names: Iterable[str] = GLOBAL) -> NamedArrays:
 
 
 # --- real Flower messages, no grid needed -----------------------------------------------
-
-
-def instruction(node_id: int, message_type: str = MessageType.TRAIN) -> Message:
-    """The message a node would have received (what the SuperLink stores)."""
-    metadata = Metadata(
-        run_id=7,
-        message_id=f"instruction-{node_id}",
-        src_node_id=0,
-        dst_node_id=node_id,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type=message_type,
-    )
-    return Message(RecordDict(), metadata=metadata)
 
 
 def reply(
