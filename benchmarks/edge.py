@@ -1,8 +1,8 @@
 """Edge deployment side by side: fp32 vs int8 ONNX size, accuracy and latency, and a head step.
 
 For each input size (digits at 8x8, and the same digits upsampled to 32x32 and 64x64 to
-show how the picture changes with more compute per sample; 28x28 cannot be exported, see
-docs/benchmarks.md) the script trains fedge's SmallCNN centrally for a few epochs,
+show how the picture changes with more compute per sample; `--sizes 28` gives MNIST's
+size) the script trains fedge's SmallCNN centrally for a few epochs,
 exports it with `fedge.edge.export.export_model` (static QDQ int8 and dynamic int8),
 and reports in one JSON on stdout:
 
@@ -115,10 +115,15 @@ def head_step(folder: Path) -> dict[str, Any]:
 
 
 def run_head_step(folder: Path) -> dict[str, Any]:
-    """`head_step` in a fresh interpreter with torch blocked, so its memory is the device's."""
+    """`head_step` in a fresh interpreter with torch blocked, so its memory is the device's.
+
+    The script's folder goes on `sys.path` for its `report` import, as `python` does for
+    a script it runs.
+    """
+    script = Path(__file__).resolve()
     code = (
         "import sys, json, runpy; sys.modules['torch'] = None; sys.modules['onnx'] = None; "
-        f"mod = runpy.run_path({str(Path(__file__).resolve())!r}); "
+        f"sys.path.insert(0, {str(script.parent)!r}); mod = runpy.run_path({str(script)!r}); "
         f"print(json.dumps(mod['head_step'](__import__('pathlib').Path({str(folder)!r}))))"
     )
     done = subprocess.run(
@@ -391,8 +396,9 @@ def synthetic_case(size: int, width: int, work: Path, seed: int, rounds: int) ->
     """
     import torch
 
+    from fedge.edge.compact import compact_onnx
     from fedge.edge.export import export_onnx
-    from fedge.edge.quantize import compact_onnx, quantize_onnx
+    from fedge.edge.quantize import quantize_onnx
     from fedge.edge.runtime import EdgeModel
 
     torch.manual_seed(seed)

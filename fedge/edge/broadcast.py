@@ -46,8 +46,9 @@ def _fingerprint(
 
 
 def _export(spec: ModelSpec, arrays: NamedArrays, int8: bool, x_calib: np.ndarray | None) -> bytes:
+    from fedge.edge.compact import compact_onnx
     from fedge.edge.export import export_onnx
-    from fedge.edge.quantize import compact_onnx, quantize_onnx
+    from fedge.edge.quantize import quantize_onnx
     from fedge.models import build_model, load_numpy_state
 
     model = build_model(spec).eval()

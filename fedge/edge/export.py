@@ -20,8 +20,9 @@ from torch import nn
 
 from fedge.data import DatasetBundle
 from fedge.edge import artifacts
+from fedge.edge.compact import compact_onnx
 from fedge.edge.head import HeadLearner, extract_features
-from fedge.edge.quantize import check_quantization, compact_onnx, quantize_onnx
+from fedge.edge.quantize import check_quantization, quantize_onnx
 from fedge.edge.runtime import EdgeModel, measure_latency, run_batched
 from fedge.models import load_model
 

@@ -1,11 +1,10 @@
-"""int8 quantization of exported ONNX graphs with onnxruntime, and graph compaction.
+"""int8 quantization of exported ONNX graphs with onnxruntime.
 
 Needs onnx and onnxruntime's quantization tools (not torch); the edge runtime never imports it.
 """
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from pathlib import Path
 
@@ -23,12 +22,12 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from fedge.edge.artifacts import QUANTIZATIONS
 
-log = logging.getLogger(__name__)
-
-# Conv/Gemm/MatMul hold nearly all weights and FLOPs. Leaving norms and activations in
-# fp32 spares the Q/DQ pairs around them, whose per-tensor overhead dominates tiny models
-# and which cost accuracy without saving compute.
-_QUANTIZED_OPS = ["Conv", "Gemm", "MatMul"]
+# Conv/Gemm/MatMul hold nearly all weights and FLOPs. Leaving norms and pools in fp32
+# spares the Q/DQ pairs around them, whose per-tensor overhead dominates tiny models and
+# which cost accuracy without saving compute. A Relu right after a quantized op is listed
+# so the quantizer folds it into that op's output range (uint8, zero point 0) and drops
+# it with a Q/DQ pair; a Relu after fp32 ops stays as it is.
+_QUANTIZED_OPS = ["Conv", "Gemm", "MatMul", "Relu"]
 
 
 class ArrayCalibrationReader(CalibrationDataReader):
@@ -105,41 +104,3 @@ def quantize_onnx(
             extra_options={"QuantizeBias": False},
         )
     return "static-qdq"
-
-
-def _has_subgraphs(graph: onnx.GraphProto) -> bool:
-    return any(attr.g.node or attr.graphs for node in graph.node for attr in node.attribute)
-
-
-def compact_onnx(path: Path) -> None:
-    """Drop doc strings, cached shapes and long internal names from a model file, in place.
-
-    Exporter and quantizer names (e.g. `/features/features.0/Conv_output_0_QuantizeLinear`)
-    cost ~100 bytes per node: on a tiny int8 model that is a quarter of the file. Graph
-    inputs and outputs keep their names; graphs with control-flow subgraphs keep all
-    names, since those may refer to outer tensors by name.
-    """
-    model = onnx.load(str(path))
-    graph = model.graph
-    del graph.value_info[:]
-    graph.doc_string = ""
-    rename = not _has_subgraphs(graph)
-    keep = {v.name for v in graph.input} | {v.name for v in graph.output}
-    short: dict[str, str] = {}
-
-    def shorten(name: str) -> str:
-        if not rename or not name or name in keep:
-            return name
-        return short.setdefault(name, f"t{len(short)}")
-
-    for tensor in graph.initializer:
-        tensor.name = shorten(tensor.name)
-    for node in graph.node:
-        node.doc_string = ""
-        if rename:
-            node.name = ""
-        node.input[:] = [shorten(name) for name in node.input]
-        node.output[:] = [shorten(name) for name in node.output]
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    log.debug("compacted %s (%d tensors renamed)", path, len(short))
