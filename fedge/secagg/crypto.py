@@ -121,8 +121,8 @@ def keystream(key: bytes, num_bytes: int) -> bytes:
 
 
 def expand_mask(seed: bytes, length: int) -> NDArray[np.uint32]:
-    """The mask of a 256-bit `seed`: its keystream read as `length` uint32s."""
-    return np.frombuffer(keystream(seed, 4 * length), dtype="<u4").astype(np.uint32)
+    """The mask of a 256-bit `seed`: its keystream read as `length` uint32s (read-only)."""
+    return np.frombuffer(keystream(seed, 4 * length), dtype="<u4").astype(np.uint32, copy=False)
 
 
 def pairwise_mask(

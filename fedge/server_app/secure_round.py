@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
@@ -22,6 +22,7 @@ from fedge.config import FedgeConfig
 from fedge.records import payload_to_records, records_to_payload
 from fedge.secagg import AggregateResult, SecAggServer, Stage
 from fedge.secagg.messages import Payload
+from fedge.server_app.polling import destinations, replying_node
 from fedge.server_app.privacy import ServerPrivacy
 
 
@@ -43,22 +44,18 @@ class SecureRound:
             for node, payload in payloads.items()
         ]
         replies = self.grid.send_and_receive(messages, timeout=self.timeout)
-        return self.payloads_of(replies)
+        return self.payloads_of(replies, destinations(messages))
 
     @staticmethod
-    def payloads_of(replies: Iterable[Message]) -> dict[int, Payload]:
+    def payloads_of(replies: Iterable[Message], sent: Mapping[str, int]) -> dict[int, Payload]:
         """Replies as payloads; an error reply is a dropout (the protocol records why)."""
         payloads = {}
         for reply in replies:
+            node = replying_node(reply, sent)
             if reply.has_error():
-                log(
-                    WARNING,
-                    "SecAgg: node %s failed: %s",
-                    reply.metadata.src_node_id,
-                    reply.error.reason,
-                )
+                log(WARNING, "SecAgg: node %s failed: %s", node, reply.error.reason)
                 continue
-            payloads[reply.metadata.src_node_id] = records_to_payload(reply.content)
+            payloads[node] = records_to_payload(reply.content)
         return payloads  # type: ignore[return-value]
 
     def open(
@@ -103,11 +100,14 @@ class SecureRound:
             )
         return messages
 
-    def close(self, replies: Iterable[Message]) -> AggregateResult:
-        """Collect masked uploads, run the unmasking exchange, return the decoded sum."""
+    def close(self, replies: Iterable[Message], sent: Mapping[str, int]) -> AggregateResult:
+        """Collect masked uploads, run the unmasking exchange, return the decoded sum.
+
+        `sent` maps the training messages' ids to their nodes (see `destinations`).
+        """
         if self.server is None:
             raise RuntimeError("SecureRound.close() called before open()")
-        unmask = self.server.receive_masked_inputs(self.payloads_of(replies))
+        unmask = self.server.receive_masked_inputs(self.payloads_of(replies, sent))
         result = self.server.receive_unmask_shares(self._exchange(Stage.UNMASK, unmask))
         for node, reason in result.dropped.items():
             log(WARNING, "SecAgg: node %s left out: %s", node, reason)

@@ -6,6 +6,7 @@ Flower's own round loop (`Strategy.start`) drives it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -29,6 +30,7 @@ from fedge.edge.broadcast import BACKBONE_KEY
 from fedge.records import NamedArrays, from_array_record, to_array_record, unflatten
 from fedge.secagg import SecAggAbort
 from fedge.server_app.aggregation import apply_update, summed, weighted_mean
+from fedge.server_app.polling import destinations, replying_node
 from fedge.server_app.privacy import ServerPrivacy
 from fedge.server_app.secure_round import SecAggSettings, SecureRound
 from fedge.server_app.validation import check_reply
@@ -92,6 +94,7 @@ class FedgeAvg(FedAvg):
         self.edge_backbone = edge_backbone
         self.secagg = secagg
         self.secure_round: SecureRound | None = None
+        self.train_messages: list[Message] = []
         self.velocity: NamedArrays | None = None
         self.current_arrays: NamedArrays = {}
         self.report = RoundReport()
@@ -104,6 +107,7 @@ class FedgeAvg(FedAvg):
     ) -> Iterable[Message]:
         self.current_arrays = from_array_record(arrays)
         self.report = RoundReport()
+        self.wait_for_nodes(grid)
         config[REPLY_KEY] = "update"
         self.add_edge_backbone(config, self.current_arrays)
         absolute = self.absolute_round(server_round)
@@ -119,9 +123,25 @@ class FedgeAvg(FedAvg):
         elif self.secagg is not None:
             config[CLIP_KEY] = self.secagg.clip_norm
         self.secure_round = None
-        if self.secagg is None or not messages:
-            return messages
-        return self.open_secure_round(grid, messages)
+        if self.secagg is not None and messages:
+            messages = self.open_secure_round(grid, messages)
+        self.train_messages = messages
+        return messages
+
+    def wait_for_nodes(self, grid: Grid) -> None:
+        """Block until `min_available_nodes` are online.
+
+        Flower's FedAvg sizes its sample from the nodes online *before* it waits, so
+        a node that (re)joins during the wait would miss the round that waited for it.
+        """
+        while len(online := list(grid.get_node_ids())) < self.min_available_nodes:
+            log(
+                INFO,
+                "Waiting for nodes: %s online, min-available-nodes=%s",
+                len(online),
+                self.min_available_nodes,
+            )
+            time.sleep(1)
 
     def open_secure_round(self, grid: Grid, messages: list[Message]) -> list[Message]:
         """Key exchange before training; an abort skips the round (model unchanged)."""
@@ -161,9 +181,10 @@ class FedgeAvg(FedAvg):
 
         A client past its local privacy budget declines: that is counted, not rejected.
         """
+        sent = destinations(self.train_messages)
         accepted = []
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = replying_node(reply, sent)
             metrics = reply_metrics(reply)
             if isinstance(metrics.get(LOCAL_EPSILON_KEY), (int, float)):
                 self.report.client_epsilons.append(float(metrics[LOCAL_EPSILON_KEY]))
@@ -222,7 +243,7 @@ class FedgeAvg(FedAvg):
         """Unmask the sum Σ n_k·Δ_k; no per-client update or metric is ever seen."""
         assert self.secure_round is not None
         try:
-            result = self.secure_round.close(replies)
+            result = self.secure_round.close(replies, destinations(self.train_messages))
         except SecAggAbort as abort:
             log(WARNING, "SecAgg round aborted: %s; the global model stays unchanged", abort)
             return None
@@ -268,6 +289,7 @@ class FedgeAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.add_edge_backbone(config, from_array_record(arrays))
+        self.wait_for_nodes(grid)
         return super().configure_evaluate(self.absolute_round(server_round), arrays, config, grid)
 
     def aggregate_evaluate(
