@@ -40,7 +40,10 @@ import os
 import platform
 import statistics
 import time
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
@@ -61,6 +64,8 @@ BETA = 0.05
 # (noise multiplier, rounds): accountant ε at δ = 1e-5 is 2.17, 4.73 and 10.73
 SETTINGS = ((2.0, 1), (1.0, 1), (1.0, 4))
 
+T = TypeVar("T")
+
 
 def accountant_epsilon(noise_multiplier: float, rounds: int) -> float:
     ledger = PrivacyLedger(DELTA)
@@ -77,6 +82,10 @@ class StubGrid:
 
     def get_node_ids(self) -> list[int]:
         return self.node_ids
+
+
+core_audit = partial(run_canary_audit, delta=DELTA, beta=BETA)
+"""The privacy core's audit at this benchmark's δ and β (`strategy_audit` uses them itself)."""
 
 
 def strategy_audit(
@@ -148,8 +157,49 @@ def strategy_audit(
     }
 
 
-def summarize(bounds: list[float], accountant: float) -> dict[str, Any]:
+@dataclass(frozen=True)
+class AuditSize:
+    """Canaries, guesses and trials: the options the core and strategy audits each get."""
+
+    canaries: int
+    guesses: int
+    trials: int
+
+
+def repeat_audit(
+    audit: Callable[..., T],
+    size: AuditSize,
+    clip_norm: float,
+    noise_multiplier: float,
+    rounds: int,
+) -> list[T]:
+    """`size.trials` runs of `audit`, each with fresh canaries and noise (its own secure RNG)."""
+    return [
+        audit(
+            num_canaries=size.canaries,
+            noise_multiplier=noise_multiplier,
+            clip_norm=clip_norm,
+            rounds=rounds,
+            num_guesses=size.guesses,
+            rng=secure_rng(),
+        )
+        for _ in range(size.trials)
+    ]
+
+
+def summarize(
+    size: AuditSize,
+    noise_multiplier: float,
+    rounds: int,
+    bounds: list[float],
+    accountant: float,
+) -> dict[str, Any]:
+    """One report entry: the setting, the audit's size, and its bounds beside the accountant."""
     return {
+        "noise_multiplier": noise_multiplier,
+        "rounds": rounds,
+        "canaries": size.canaries,
+        "guesses": size.guesses,
         "lower_bounds": [round(b, 4) for b in bounds],
         "lower_bound_median": round(statistics.median(bounds), 4),
         "lower_bound_max": round(max(bounds), 4),
@@ -187,72 +237,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "core": [],
         "strategy": [],
     }
+    core_size = AuditSize(args.canaries, args.guesses, args.trials)
+    strategy_size = AuditSize(args.strategy_canaries, args.strategy_guesses, args.strategy_trials)
     for sigma, rounds in SETTINGS:
+        runs = repeat_audit(core_audit, core_size, args.clip, sigma, rounds)
+        bounds = [run.epsilon_lower_bound for run in runs]
         accountant = accountant_epsilon(sigma, rounds)
-        bounds = [
-            run_canary_audit(
-                num_canaries=args.canaries,
-                noise_multiplier=sigma,
-                clip_norm=args.clip,
-                rounds=rounds,
-                num_guesses=args.guesses,
-                delta=DELTA,
-                beta=BETA,
-                rng=secure_rng(),
-            ).epsilon_lower_bound
-            for _ in range(args.trials)
-        ]
-        report["core"].append(
-            {
-                "noise_multiplier": sigma,
-                "rounds": rounds,
-                "canaries": args.canaries,
-                "guesses": args.guesses,
-                **summarize(bounds, accountant),
-            }
-        )
+        report["core"].append(summarize(core_size, sigma, rounds, bounds, accountant))
         print(json.dumps(report["core"][-1]), flush=True)
     for sigma, rounds in SETTINGS[:2]:
-        runs = [
-            strategy_audit(
-                num_canaries=args.strategy_canaries,
-                noise_multiplier=sigma,
-                clip_norm=args.clip,
-                rounds=rounds,
-                num_guesses=args.strategy_guesses,
-                rng=secure_rng(),
-            )
-            for _ in range(args.strategy_trials)
-        ]
+        runs = repeat_audit(strategy_audit, strategy_size, args.clip, sigma, rounds)
         ledger = runs[0]["ledger_epsilon"]
         assert all(run["ledger_epsilon"] == ledger for run in runs)
+        bounds = [run["epsilon_lower_bound"] for run in runs]
         report["strategy"].append(
-            {
-                "noise_multiplier": sigma,
-                "rounds": rounds,
-                "canaries": args.strategy_canaries,
-                "guesses": args.strategy_guesses,
-                **summarize([run["epsilon_lower_bound"] for run in runs], ledger),
-                "ledger_matches_accountant": ledger == accountant_epsilon(sigma, rounds),
-            }
+            summarize(strategy_size, sigma, rounds, bounds, ledger)
+            | {"ledger_matches_accountant": ledger == accountant_epsilon(sigma, rounds)}
         )
         print(json.dumps(report["strategy"][-1]), flush=True)
     # Negative control: the noise is 10x smaller than the σ = 2 the accountant is told,
     # so the audit should find more leakage than the claimed ε (it has the power to).
     claimed = accountant_epsilon(2.0, 1)
-    control = [
-        run_canary_audit(
-            num_canaries=args.canaries,
-            noise_multiplier=0.2,
-            clip_norm=args.clip,
-            rounds=1,
-            num_guesses=args.guesses,
-            delta=DELTA,
-            beta=BETA,
-            rng=secure_rng(),
-        ).epsilon_lower_bound
-        for _ in range(args.trials)
-    ]
+    runs = repeat_audit(core_audit, core_size, args.clip, noise_multiplier=0.2, rounds=1)
+    control = [run.epsilon_lower_bound for run in runs]
     report["control_noise_10x_too_small"] = {
         "actual_noise_multiplier": 0.2,
         "claimed_noise_multiplier": 2.0,

@@ -54,7 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from deploy_helpers import app_copy, read_rows, run_config_arg  # noqa: E402
-from report import finish, machine  # noqa: E402
+from report import finish, parse_with_common_options, start  # noqa: E402
 
 from fedge.deploy import LocalDeployment  # noqa: E402
 
@@ -222,18 +222,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--nodes", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--variants", nargs="+", default=["plain", "secagg"])
     parser.add_argument("--timeout", type=float, default=1200, help="per `flwr run`, seconds")
-    parser.add_argument("--out", type=Path, help="also write the JSON here")
-    return parser.parse_args(argv)
+    return parse_with_common_options(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    started = time.perf_counter()
-    report: dict[str, Any] = {"benchmark": "deploy_latency", "machine": machine("flwr", "torch")}
+    report, started = start("deploy_latency", "flwr", "torch")
     report["setup"] = {"rounds": args.rounds, "nodes": args.nodes, "dataset": "digits"}
     report["cold_import_s"] = {
         "fedge_clientapp": cold_import_s("import flwr.clientapp, fedge.client_app.app"),

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from report import finish, machine
+from report import finish, parse_with_common_options, start
 
 if TYPE_CHECKING:
     from torch import nn
@@ -450,20 +450,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--synthetic-sizes", type=int, nargs="*", default=[28, 64])
     parser.add_argument("--synthetic-width", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=40, help="interleaved timing rounds")
-    parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--quick", action="store_true", help="2 training epochs (smoke test)")
-    parser.add_argument("--out", type=Path, help="also write the JSON here")
-    return parser.parse_args(argv)
+    return parse_with_common_options(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    started = time.perf_counter()
-    report: dict[str, Any] = {
-        "benchmark": "edge",
-        "machine": machine("torch", "onnxruntime") | {"threads_for_latency": 1},
-        "targets": TARGETS,
-    }
+    report, started = start("edge", "torch", "onnxruntime")
+    report["machine"]["threads_for_latency"] = 1
+    report["targets"] = TARGETS
     report["cases"] = {}
     with stdout_to_stderr(), tempfile.TemporaryDirectory(prefix="fedge-edge-bench-") as tmp:
         for size in args.sizes:

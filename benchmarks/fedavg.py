@@ -60,7 +60,7 @@ from flwr.app import (
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
-from report import finish, machine
+from report import finish, parse_with_common_options, start
 
 from fedge.config import FedgeConfig
 from fedge.models import build_model, load_numpy_state, state_to_numpy
@@ -401,16 +401,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup-rounds", type=int, default=2)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--micro-repeats", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--skip-rounds", action="store_true", help="micro-benchmark only")
-    parser.add_argument("--out", type=Path, help="also write the JSON here")
-    return parser.parse_args(argv)
+    return parse_with_common_options(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    started = time.perf_counter()
-    report: dict[str, Any] = {"benchmark": "fedavg", "machine": machine("flwr", "torch")}
+    report, started = start("fedavg", "flwr", "torch")
     report["aggregate_train"] = microbenchmark(args.micro_repeats, args.clients, args.seed)
     if not args.skip_rounds:
         with tempfile.TemporaryDirectory(prefix="fedge-bench-") as out_dir:

@@ -1,7 +1,8 @@
-"""What every benchmark records about the machine, and how it emits its JSON."""
+"""What every benchmark takes as options, records about the machine, and how it emits its JSON."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -25,6 +26,21 @@ def machine(*packages: str) -> dict[str, Any]:
         **{package: version(package) for package in packages},
         "loadavg_1_5_15_at_start": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def parse_with_common_options(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> argparse.Namespace:
+    """Add the `--seed` and `--out` options every benchmark takes, then parse `argv`."""
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    return parser.parse_args(argv)
+
+
+def start(benchmark: str, *packages: str) -> tuple[dict[str, Any], float]:
+    """A report naming the benchmark and `machine(*packages)`, and the start time for `finish`."""
+    started = time.perf_counter()
+    return {"benchmark": benchmark, "machine": machine(*packages)}, started
 
 
 def finish(report: dict[str, Any], started: float, out: Path | None) -> dict[str, Any]:

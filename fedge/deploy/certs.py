@@ -55,6 +55,16 @@ def node_pub_name(index: int) -> str:
     return f"supernode-{index}.pub"
 
 
+class _FileInDirectory:
+    """`certs.ca_cert` and its kind: one rule for every file kept under a fixed name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, certs: CertificateSet, owner: type[CertificateSet]) -> Path:
+        return certs.directory / self.name
+
+
 @dataclass(frozen=True)
 class CertificateSet:
     """Where each file of a deployment's PKI lives (all inside `directory`)."""
@@ -62,21 +72,10 @@ class CertificateSet:
     directory: Path
     nodes: int
 
-    @property
-    def ca_cert(self) -> Path:
-        return self.directory / CA_CERT
-
-    @property
-    def ca_key(self) -> Path:
-        return self.directory / CA_KEY
-
-    @property
-    def server_cert(self) -> Path:
-        return self.directory / SERVER_CERT
-
-    @property
-    def server_key(self) -> Path:
-        return self.directory / SERVER_KEY
+    ca_cert = _FileInDirectory(CA_CERT)
+    ca_key = _FileInDirectory(CA_KEY)
+    server_cert = _FileInDirectory(SERVER_CERT)
+    server_key = _FileInDirectory(SERVER_KEY)
 
     def node_private_key(self, index: int) -> Path:
         return self.directory / node_key_name(index)
@@ -191,20 +190,7 @@ def _ensure_ca(
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(signs_certificates=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -247,20 +233,7 @@ def _ensure_server(
         .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName(_san_entries(hosts)), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=True,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(signs_certificates=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
@@ -307,6 +280,21 @@ def _check_existing_server(
             f"{certs.server_cert} expires {cert.not_valid_after_utc:%Y-%m-%d}; delete "
             "server.pem and server.key and run again to reissue it"
         )
+
+
+def _key_usage(*, signs_certificates: bool) -> x509.KeyUsage:
+    """The CA signs certificates and CRLs; the server signs and agrees keys in TLS handshakes."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=not signs_certificates,
+        key_cert_sign=signs_certificates,
+        crl_sign=signs_certificates,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
 def _san_entries(hosts: Sequence[str]) -> list[x509.GeneralName]:
