@@ -2,9 +2,9 @@
 
 Printed as one JSON object on stdout (logs go to stderr).
 
-1. **Protocol cost** (default). Three variants run the same kind of round on the
-   same synthetic model (float32 arrays of `--sizes` parameters) with the same
-   number of clients, the same client updates and weights, and the same harness:
+1. **Protocol** (default). Three variants run the same kind of round on the
+   same model size (`--sizes` parameters) with the same number of clients, the
+   same client updates and weights, and the same harness:
 
    - `flower_secagg`: Flower's legacy `SecAggPlusWorkflow` (server) and
      `secaggplus_mod` in front of a `NumPyClient` (clients), with a legacy
@@ -16,10 +16,13 @@ Printed as one JSON object on stdout (logs go to stderr).
      (unmasking), as Flower's `Strategy.start` runs them.
    - `fedge_plain`: the same without secure aggregation (plain float32 updates).
 
-   Local training is replaced by a no-op that returns a fixed random float32
-   vector per client (Flower's client returns it as its "parameters", fedge's
-   as its update), so the numbers are protocol cost only. Both SecAgg+ variants
-   use the same neighbourhood size and threshold (`--shares`).
+   Two workloads (`--workload`): `fixed`, where local training is replaced by
+   a no-op returning a fixed random float32 vector per client (protocol cost
+   only), and `training`, where each client trains an MLP of the same size on
+   its digits shard with fedge's default local settings (see `Workload`). In
+   both, Flower's client returns the vector as its "parameters" and fedge's as
+   its update. Both SecAgg+ variants use the same neighbourhood size and
+   threshold (`--shares`).
 
    Harness: `WireGrid`, an in-memory Grid in this process. It hands every
    message to the variant's ClientApp for its destination node, one after the
@@ -36,12 +39,17 @@ Printed as one JSON object on stdout (logs go to stderr).
    new global model must equal the weighted mean of the client vectors within
    quantization error (`max_abs_error`).
 
-2. **Accuracy** (`--accuracy`): fedge's default run (digits, 10 clients, 20
-   rounds, seed 42) through `fedge.simulation.run_inprocess` with secagg=false
-   and secagg=true (everything else equal, defaults included).
+2. **Accuracy and round time of the product** (`--accuracy`): fedge's default
+   run (digits CNN, 10 clients, 20 rounds, seed 42) through
+   `fedge.simulation.run_inprocess` (Flower's simulation engine, real ServerApp
+   and ClientApps) with secagg=false and secagg=true, everything else equal.
+   `--pairs` runs in the order plain, secagg, secagg, plain, … so that load
+   drift hits both; round times are the per-round `seconds` of metrics.jsonl
+   (round 1, which includes start-up, is left out), pooled per variant.
 
 Usage: `python benchmarks/secagg.py [--sizes 100000x10 1000000x20] [--rounds 3]
-[--accuracy] [--skip-protocol] [--out result.json]`
+[--workload fixed training] [--accuracy [--pairs 2]] [--skip-protocol]
+[--out result.json]`
 """
 
 from __future__ import annotations
@@ -75,9 +83,8 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
-from report import finish, machine
+from report import finish, parse_with_common_options, start
 
 from fedge.client_app import app as fedge_client_app
 from fedge.client_app import torch_client
@@ -88,6 +95,7 @@ from fedge.records import NamedArrays, from_array_record, to_array_record
 from fedge.secagg import quantization_error_bound, upload_bytes_per_client
 from fedge.server_app.secure_round import SecAggSettings
 from fedge.server_app.strategy import FedgeAvg
+from fedge.simulation import NodeGrid
 
 VARIANTS = ("flower_secagg", "fedge_secagg", "fedge_plain")
 TARGETS = {
@@ -115,32 +123,14 @@ class Exchange:
     node_s: dict[int, float] = field(default_factory=dict)  # ClientApp + wire round trip
 
 
-class WireGrid(Grid):
+class WireGrid(NodeGrid):
     """In-memory Grid: each message crosses the protobuf wire format to its node's ClientApp."""
 
     def __init__(self, app: ClientApp, contexts: dict[int, Context]) -> None:
+        super().__init__(contexts)
         self.app = app
         self.contexts = contexts
         self.exchanges: list[Exchange] = []
-
-    def set_run(self, run):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
 
     def send_and_receive(  # type: ignore[override]
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -189,34 +179,89 @@ def make_contexts(num_clients: int, run_config: dict[str, Any]) -> dict[int, Con
 
 @dataclass(frozen=True)
 class Workload:
-    """The synthetic model and each client's fixed vector and weight."""
+    """The model each client updates, and each client's update and weight.
 
+    `fixed`: a synthetic `fc` model; every client's update is a fixed random
+    vector (protocol cost only). `training`: an MLP of the same size on digits
+    (64 → hidden → 10); every client's update comes from real local training
+    with fedge's defaults (epochs, batch, lr, momentum) on its own IID shard,
+    rescaled to norm UPDATE_NORM so that no variant clips and all sum the same
+    vectors. Every variant trains the same way, so the training time is common.
+    """
+
+    kind: str
     shapes: dict[str, tuple[int, ...]]
     initial: NamedArrays
     vectors: dict[int, NamedArrays]
     weights: dict[int, int]
+    shards: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @classmethod
-    def make(cls, num_params: int, num_clients: int, seed: int) -> Workload:
+    def make(cls, kind: str, num_params: int, num_clients: int, seed: int) -> Workload:
         if num_params < 2000:
             raise ValueError("--sizes needs at least 2000 parameters")
-        rows = num_params // 1000 - 1
-        shapes = {"fc.weight": (rows, 1000), "fc.bias": (num_params - rows * 1000,)}
+        if kind == "training":
+            hidden = (num_params - 10) // 75  # 64·h + h + 10·h + 10 parameters
+            shapes = {
+                "hidden.weight": (hidden, 64),
+                "hidden.bias": (hidden,),
+                "out.weight": (10, hidden),
+                "out.bias": (10,),
+            }
+        else:
+            rows = num_params // 1000 - 1
+            shapes = {"fc.weight": (rows, 1000), "fc.bias": (num_params - rows * 1000,)}
         rng = np.random.default_rng(seed)
         initial = {n: rng.normal(0, 0.05, s).astype(np.float32) for n, s in shapes.items()}
         vectors = {}
         for i in range(num_clients):
             raw = {n: rng.normal(size=s) for n, s in shapes.items()}
-            norm = np.sqrt(sum(float(np.sum(a * a)) for a in raw.values()))
-            vectors[NODE0 + i] = {
-                n: (a * UPDATE_NORM / norm).astype(np.float32) for n, a in raw.items()
-            }
+            vectors[NODE0 + i] = _scaled_to_update_norm(raw)
         weights = {NODE0 + i: 50 + 10 * i for i in range(num_clients)}
-        return cls(shapes, initial, vectors, weights)
+        shards = {}
+        if kind == "training":
+            from sklearn.datasets import load_digits
+
+            features, labels = load_digits(return_X_y=True)
+            order = rng.permutation(len(labels))
+            for i, part in enumerate(np.array_split(order, num_clients)):
+                shards[NODE0 + i] = (features[part] / 16.0, labels[part])
+        return cls(kind, shapes, initial, vectors, weights, shards)
 
     @property
     def num_params(self) -> int:
         return sum(int(np.prod(s)) for s in self.shapes.values())
+
+    def update(self, node: int) -> NamedArrays:
+        """This round's update of `node` (trained now in `training` mode)."""
+        if self.kind == "training":
+            self.vectors[node] = self._train(node)
+        return self.vectors[node]
+
+    def _train(self, node: int) -> NamedArrays:
+        import torch
+
+        defaults = FedgeConfig()
+        torch.set_num_threads(1)  # like the rest of the harness: one core path, less noise
+        torch.manual_seed(node)
+        model = torch.nn.Sequential()
+        model.add_module("hidden", torch.nn.Linear(64, self.shapes["out.weight"][1]))
+        model.add_module("relu", torch.nn.ReLU())
+        model.add_module("out", torch.nn.Linear(self.shapes["out.weight"][1], 10))
+        model.load_state_dict({n: torch.from_numpy(a) for n, a in self.initial.items()})
+        optimizer = torch.optim.SGD(model.parameters(), lr=defaults.lr, momentum=defaults.momentum)
+        features, labels = self.shards[node]
+        x = torch.tensor(features, dtype=torch.float32)
+        y = torch.tensor(labels)
+        for _ in range(defaults.local_epochs):
+            for batch in torch.randperm(len(y)).split(defaults.batch_size):
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+                optimizer.step()
+        trained = {n: t.detach().numpy() for n, t in model.state_dict().items()}
+        return _scaled_to_update_norm(
+            {n: trained[n].astype(np.float64) - self.initial[n] for n in self.shapes}
+        )
 
     def mean_vector(self) -> NamedArrays:
         total = sum(self.weights.values())
@@ -225,6 +270,11 @@ class Workload:
             / total
             for name in self.shapes
         }
+
+
+def _scaled_to_update_norm(arrays: dict[str, np.ndarray]) -> NamedArrays:
+    norm = np.sqrt(sum(float(np.sum(a * a)) for a in arrays.values()))
+    return {n: (a * UPDATE_NORM / norm).astype(np.float32) for n, a in arrays.items()}
 
 
 # --- the three variants -------------------------------------------------------------------
@@ -282,7 +332,7 @@ class Variant:
 
 
 class FlowerSecAgg(Variant):
-    """Flower's legacy SecAgg+ workflow and mod around a no-op NumPyClient."""
+    """Flower's legacy SecAgg+ workflow and mod around a NumPyClient returning the update."""
 
     name = "flower_secagg"
 
@@ -291,15 +341,16 @@ class FlowerSecAgg(Variant):
         vectors, weights = workload.vectors, workload.weights
         names = list(workload.shapes)
 
-        class NoOpClient(NumPyClient):
+        class WorkloadClient(NumPyClient):
             def __init__(self, node: int) -> None:
                 self.node = node
 
             def fit(self, parameters, config):  # type: ignore[no-untyped-def]
-                return [vectors[self.node][n] for n in names], weights[self.node], {}
+                update = workload.update(self.node)
+                return [update[n] for n in names], weights[self.node], {}
 
         app = ClientApp(
-            client_fn=lambda context: NoOpClient(context.node_id).to_client(),
+            client_fn=lambda context: WorkloadClient(context.node_id).to_client(),
             mods=[secaggplus_mod],
         )
         self.grid = WireGrid(app, make_contexts(len(vectors), {}))
@@ -371,7 +422,7 @@ class FedgeVariant(Variant):
 
     def run_round(self) -> float:
         arrays = to_array_record(self.workload.initial)
-        with _no_op_training(self.workload):
+        with _workload_training(self.workload):
             messages = self.strategy.configure_train(
                 self.server_round, arrays, ConfigRecord(), self.grid
             )
@@ -397,8 +448,8 @@ class FedgePlain(FedgeVariant):
     secure = False
 
 
-class _no_op_training:
-    """Swap the torch client's `local_update` for one returning the fixed vector.
+class _workload_training:
+    """Swap the torch client's `local_update` for the workload's update.
 
     Everything else (message routing, config parsing, clipping, SecAgg stages,
     reply records) is fedge's real ClientApp code.
@@ -416,7 +467,7 @@ class _no_op_training:
         ) -> tuple[NamedArrays, MetricRecord]:
             node = context.node_id
             update, extra = privatize_update(
-                dict(workload.vectors[node]), msg.content.config_records["config"]
+                dict(workload.update(node)), msg.content.config_records["config"]
             )
             return update, MetricRecord({WEIGHT_KEY: workload.weights[node], **extra})
 
@@ -441,9 +492,14 @@ def default_shares(num_clients: int) -> tuple[int, int]:
 
 
 def protocol_case(
-    num_params: int, num_clients: int, rounds: int, shares: tuple[int, int] | None, seed: int
+    kind: str,
+    num_params: int,
+    num_clients: int,
+    rounds: int,
+    shares: tuple[int, int] | None,
+    seed: int,
 ) -> dict[str, Any]:
-    workload = Workload.make(num_params, num_clients, seed)
+    workload = Workload.make(kind, num_params, num_clients, seed)
     num_shares, threshold = shares or default_shares(num_clients)
     variants: list[Variant] = [
         FlowerSecAgg(workload, num_shares, threshold),
@@ -456,7 +512,8 @@ def protocol_case(
         for variant in order:
             row = variant.round()
             logging.info(
-                "%s P=%s N=%s round %s: %.2f s",
+                "%s %s P=%s N=%s round %s: %.2f s",
+                kind,
                 variant.name,
                 num_params,
                 num_clients,
@@ -469,6 +526,7 @@ def protocol_case(
                 rows[variant.name].append(row)
 
     summary: dict[str, Any] = {
+        "workload": kind,
         "params": num_params,
         "clients": num_clients,
         "num_shares": num_shares,
@@ -523,28 +581,37 @@ def protocol_case(
 # --- accuracy -----------------------------------------------------------------------------
 
 
-def accuracy_comparison(seed: int) -> dict[str, Any]:
+def accuracy_comparison(seed: int, pairs: int) -> dict[str, Any]:
     """fedge's default run (digits, 10 clients, 20 rounds) with and without SecAgg+."""
     from fedge.simulation import run_inprocess
 
     result: dict[str, Any] = {"run_config": "fedge defaults", "seed": seed, "clients": 10}
+    order = [False, True, True, False] * pairs
+    runs: dict[str, list[list[dict[str, Any]]]] = {"plain": [], "secagg": []}
     with tempfile.TemporaryDirectory(prefix="fedge-secagg-acc-") as root:
-        for secagg in (False, True):
+        for index, secagg in enumerate(order[: 2 * pairs]):
             name = "secagg" if secagg else "plain"
-            started = time.perf_counter()
-            config = {"secagg": secagg, "seed": seed, "output-dir": root, "run-name": name}
+            run_name = f"{name}-{index}"
+            config = {"secagg": secagg, "seed": seed, "output-dir": root, "run-name": run_name}
             run_inprocess(config, num_supernodes=10)
-            lines = Path(root, name, "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-            rows = [json.loads(line) for line in lines if line.strip()]
-            result[name] = {
-                "final_test_accuracy": rows[-1]["test_accuracy"],
-                "best_test_accuracy": max(r["test_accuracy"] for r in rows),
-                "final_test_loss": rows[-1]["test_loss"],
-                "rounds": len(rows),
-                "all_replies": all(r["num_replies"] == 10 for r in rows),
-                "median_round_s": statistics.median(r["seconds"] for r in rows[1:]),
-                "wall_s": round(time.perf_counter() - started, 1),
-            }
+            lines = Path(root, run_name, "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+            runs[name].append([json.loads(line) for line in lines if line.strip()])
+            logging.info("accuracy: %s run %s done", name, index)
+    for name, name_runs in runs.items():
+        rows = name_runs[0]
+        round_s = [r["seconds"] for run in name_runs for r in run[1:]]
+        result[name] = {
+            "final_test_accuracy": rows[-1]["test_accuracy"],
+            "best_test_accuracy": max(r["test_accuracy"] for r in rows),
+            "final_test_loss": rows[-1]["test_loss"],
+            "rounds": len(rows),
+            "runs": len(name_runs),
+            "all_replies": all(r["num_replies"] == 10 for run in name_runs for r in run),
+            "median_round_s": statistics.median(round_s),
+            "median_round_s_per_run": [
+                round(statistics.median(r["seconds"] for r in run[1:]), 4) for run in name_runs
+            ],
+        }
     gap = 100 * (result["secagg"]["final_test_accuracy"] - result["plain"]["final_test_accuracy"])
     result["final_accuracy_gap_points"] = gap
     result["within_half_point"] = abs(gap) <= 0.5
@@ -574,6 +641,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per variant")
     parser.add_argument(
+        "--workload",
+        nargs="+",
+        choices=("fixed", "training"),
+        default=["fixed", "training"],
+        help="client updates: fixed random vectors (protocol cost only) and/or real "
+        "local training of a same-size MLP on digits (default: both)",
+    )
+    parser.add_argument(
         "--shares",
         nargs=2,
         type=int,
@@ -581,10 +656,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="SecAgg+ neighbourhood and threshold for both (default: see default_shares)",
     )
     parser.add_argument("--accuracy", action="store_true", help="also run the digits comparison")
+    parser.add_argument(
+        "--pairs", type=int, default=2, help="plain/secagg run pairs for --accuracy"
+    )
     parser.add_argument("--skip-protocol", action="store_true", help="accuracy only")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--out", type=Path, help="also write the JSON here")
-    return parser.parse_args(argv)
+    return parse_with_common_options(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -593,19 +669,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.getLogger("flwr").setLevel(logging.WARNING)  # same for all variants
     # Server-side messages carry the ServerApp task's identity, set by Flower at runtime.
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    started = time.perf_counter()
-    report: dict[str, Any] = {
-        "benchmark": "secagg",
-        "machine": machine("flwr", "numpy", "cryptography"),
-    }
+    report, started = start("secagg", "flwr", "numpy", "cryptography")
     if not args.skip_protocol:
         report["harness"] = "in-memory WireGrid (protobuf round trip per message), one process"
         report["protocol"] = [
-            protocol_case(params, clients, args.rounds, args.shares, args.seed)
+            protocol_case(kind, params, clients, args.rounds, args.shares, args.seed)
+            for kind in args.workload
             for params, clients in args.sizes
         ]
     if args.accuracy:
-        report["accuracy"] = accuracy_comparison(args.seed)
+        report["accuracy"] = accuracy_comparison(args.seed, args.pairs)
     return finish(report, started, args.out)
 
 

@@ -53,7 +53,7 @@ class FedgeConfig:
     )
     fraction_evaluate: float = _opt(1.0, "fraction of nodes evaluating per round", low=0, high=1)
     min_train_nodes: int = _opt(2, "fewest replies a round aggregates", low=1)
-    min_available_nodes: int = _opt(2, "nodes to wait for before round 1", low=1)
+    min_available_nodes: int = _opt(2, "nodes online before any round starts (waits)", low=1)
     round_timeout: float = _opt(
         600.0, "seconds to wait for replies per stage", low=0, low_open=True
     )

@@ -1,5 +1,7 @@
 """Run a fedge federation in this process (tests, benchmarks, notebooks).
 
+`NodeGrid` is the base of in-process Grids that deliver messages themselves.
+
 `flwr run . --stream` is the user-facing way; it starts a background SuperLink
 and Ray, which costs about a minute on a small machine. This helper runs the
 same ServerApp and ClientApp through Flower's Simulation Engine directly, with
@@ -10,13 +12,14 @@ as `flwr run --run-config` would give them.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 from flwr.app import Context, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.serverapp import ServerApp
+from flwr.serverapp import Grid, ServerApp
 from flwr.simulation.run_simulation import _run_simulation
 from flwr.supercore.telemetry import EventType
 
@@ -73,3 +76,32 @@ def run_inprocess(
             is_app=True,
         )
     return result.context
+
+
+class NodeGrid(Grid):
+    """A Grid that knows its node ids; subclasses decide how messages reach them."""
+
+    def __init__(self, node_ids: Iterable[int]) -> None:
+        self.node_ids = list(node_ids)
+
+    def set_run(self, run):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+    def push_messages(self, messages):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        raise NotImplementedError

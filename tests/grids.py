@@ -1,4 +1,4 @@
-"""Test doubles for the network: Grids that know their nodes without a SuperLink.
+"""Test doubles for the network: node contexts and instruction messages.
 
 The strategy, the protocol and the ClientApps under test run for real; only
 message delivery is replaced.
@@ -12,36 +12,6 @@ from typing import Any
 
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.app.metadata import Metadata
-from flwr.serverapp import Grid
-
-
-class NodeGrid(Grid):
-    """Knows its node ids; every transport method is left to subclasses."""
-
-    def __init__(self, node_ids: Iterable[int]) -> None:
-        self.node_ids = list(node_ids)
-
-    def set_run(self, run):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.node_ids)
-
-    def push_messages(self, messages):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
 
 
 def node_contexts(

@@ -9,13 +9,13 @@ import pytest
 from flwr.app import ConfigRecord, Message
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
-from grids import NodeGrid
 from test_strategy import GLOBAL, NODES, delta, reply
 
 from fedge.records import to_array_record
 from fedge.server_app import polling
 from fedge.server_app.polling import ResponsiveGrid, destinations, replying_node
 from fedge.server_app.strategy import FedgeAvg
+from fedge.simulation import NodeGrid
 
 
 @pytest.fixture(autouse=True)

@@ -32,7 +32,7 @@ from flwr.app import (
 )
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
-from grids import NodeGrid, node_contexts
+from grids import node_contexts
 
 from fedge.client_app import app as client_app
 from fedge.client_app import secure_client
@@ -43,7 +43,7 @@ from fedge.records import MASKED_KEY, SECAGG_PAYLOAD_KEY, NamedArrays, to_array_
 from fedge.secagg import Stage, quantization_error_bound
 from fedge.server_app.secure_round import SecAggSettings
 from fedge.server_app.strategy import FedgeAvg
-from fedge.simulation import run_inprocess
+from fedge.simulation import NodeGrid, run_inprocess
 
 # --- in-memory grid: real strategy, protocol and client handlers -------------------------
 

@@ -20,7 +20,7 @@ import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.task_identity import TaskIdentity
-from grids import NodeGrid, node_contexts
+from grids import node_contexts
 
 from fedge.client_app import app as client_app
 from fedge.config import ConfigError, FedgeConfig
@@ -29,7 +29,7 @@ from fedge.models import load_model, state_to_numpy
 from fedge.models.training import evaluate
 from fedge.server_app.app import main as server_main
 from fedge.server_app.run_folder import RunFolder
-from fedge.simulation import run_inprocess
+from fedge.simulation import NodeGrid, run_inprocess
 
 REQUIRED_KEYS = {
     "round",

@@ -16,13 +16,14 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.supercore.task_identity import TaskIdentity
-from grids import NodeGrid, instruction
+from grids import instruction
 
 from fedge.client_app.protocol import REPLY_KEY
 from fedge.records import NamedArrays, from_array_record, to_array_record
 from fedge.server_app.aggregation import apply_update, weighted_mean
 from fedge.server_app.strategy import FedgeAvg
 from fedge.server_app.validation import rejection_reason
+from fedge.simulation import NodeGrid
 
 NODES = (11, 22, 33)
 
