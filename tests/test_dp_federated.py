@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from grids import NodeGrid, instruction
+from grids import instruction
 from opacus.accountants import RDPAccountant
 from scipy import stats
 
@@ -36,7 +36,7 @@ from fedge.server_app.privacy import ServerPrivacy
 from fedge.server_app.run_folder import RunFolder
 from fedge.server_app.secure_round import SecAggSettings
 from fedge.server_app.strategy import FedgeAvg
-from fedge.simulation import run_inprocess
+from fedge.simulation import NodeGrid, run_inprocess
 from fedge.task import dataset_for
 
 DELTA = 1e-5
