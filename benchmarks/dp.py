@@ -32,9 +32,12 @@ Two measurements, printed as one JSON object on stdout:
    made private by `fedge.privacy.local_dp.make_local_dp` (per-sample gradients,
    clipping, noise), alternated, `--step-repeats` times each after a warm-up,
    in one torch thread and in torch's default threads. Target: private/plain
-   median <= 2. Also one client's whole local round (`train_locally`) with DP-SGD
-   on vs off, and with `--opacus-modes` the ratio for each of Opacus's
-   per-sample-gradient modes (hooks, ew, ghost, functorch).
+   median <= 2. Each step is also split into phases (zero_grad, forward, backward,
+   step), with its CPU time and minor page faults. Also one client's whole local round
+   (`train_locally`) with DP-SGD on vs off; with `--profile` the time per private
+   step in Opacus's pieces (hooks, per-layer grad samplers, clipping, noise); and
+   with `--opacus-modes` the ratio for each of Opacus's per-sample-gradient modes
+   (hooks, ew, ghost, functorch).
 
 Usage: `python benchmarks/dp.py [--rounds 10] [--epsilons 1 3 8] [--more-clients 50]
 [--out result.json]` (about 10-15 minutes on 2 CPU cores; `--skip-accuracy` for the
@@ -44,9 +47,13 @@ step timing only).
 from __future__ import annotations
 
 import argparse
+import cProfile
+import itertools
 import json
 import logging
 import math
+import pstats
+import resource
 import statistics
 import sys
 import tempfile
@@ -287,50 +294,94 @@ def aggregate_table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # --- DP-SGD step time -----------------------------------------------------------------
 
 
+PHASES = ("zero_grad", "forward", "backward", "step")
+# Opacus functions whose cumulative time `--profile` reports, in step order
+OPACUS_PROFILED = (
+    "capture_activations_hook",
+    "capture_backprops_hook",
+    "rearrange_grad_samples",
+    "compute_conv_grad_sample",
+    "compute_group_norm_grad_sample",
+    "compute_linear_grad_sample",
+    "create_or_accumulate_grad_sample",
+    "clip_and_accumulate",
+    "add_noise",
+    "scale_grad",
+    "zero_grad",
+)
+
+
+def digits_steps(seed: int) -> tuple[Any, Any, Any]:
+    """A plain and a private step on the digits CNN, one batch of 32, and a cleanup.
+
+    Each step returns the seconds spent in each of PHASES. Both models start from
+    the same weights; the private one goes through `make_local_dp`.
+    """
+    config = FedgeConfig.from_run_config({"seed": seed})
+    bundle = dataset_for(config)
+    spec = model_spec_for(config, bundle)
+    x = torch.tensor(bundle.x_test[:32])
+    y = torch.tensor(bundle.y_test[:32])
+    criterion = nn.CrossEntropyLoss()
+
+    torch.manual_seed(seed)
+    plain = build_model(spec)
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.05, momentum=0.9)
+
+    torch.manual_seed(seed)
+    model = build_model(spec)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    # the loader only sets Opacus's expected batch size (32); the batch is fixed below
+    loader = make_loader(bundle.x_test[:320], bundle.y_test[:320], 32, shuffle=True)
+    private = make_local_dp(model, optimizer, loader, noise_multiplier=1.0, max_grad_norm=1.0)
+
+    def step(net: nn.Module, opt: torch.optim.Optimizer) -> list[float]:
+        marks = [time.perf_counter()]
+        opt.zero_grad()
+        marks.append(time.perf_counter())
+        loss = criterion(net(x), y)
+        marks.append(time.perf_counter())
+        loss.backward()
+        marks.append(time.perf_counter())
+        opt.step()
+        marks.append(time.perf_counter())
+        return [b - a for a, b in itertools.pairwise(marks)]
+
+    return (
+        lambda: step(plain, plain_opt),
+        lambda: step(private.model, private.optimizer),
+        private.close,
+    )
+
+
 def step_timing(repeats: int, threads: int, seed: int) -> dict[str, Any]:
-    """Median plain vs Opacus DP-SGD step on the digits CNN, batch 32, alternated."""
+    """Median plain vs Opacus DP-SGD step on the digits CNN, batch 32, alternated.
+
+    Also the median CPU time (with 2 threads it includes OpenMP's spin-waits), the
+    median of each phase and the minor page faults per step, which show where the
+    private step's extra time goes.
+    """
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        config = FedgeConfig.from_run_config({"seed": seed})
-        bundle = dataset_for(config)
-        spec = model_spec_for(config, bundle)
-        x = torch.tensor(bundle.x_test[:32])
-        y = torch.tensor(bundle.y_test[:32])
-        criterion = nn.CrossEntropyLoss()
-
-        torch.manual_seed(seed)
-        plain = build_model(spec)
-        plain_opt = torch.optim.SGD(plain.parameters(), lr=0.05, momentum=0.9)
-
-        torch.manual_seed(seed)
-        model = build_model(spec)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        # the loader only sets Opacus's expected batch size (32); the batch is fixed below
-        loader = make_loader(bundle.x_test[:320], bundle.y_test[:320], 32, shuffle=True)
-        private = make_local_dp(model, optimizer, loader, noise_multiplier=1.0, max_grad_norm=1.0)
-
-        def plain_step() -> None:
-            plain_opt.zero_grad()
-            criterion(plain(x), y).backward()
-            plain_opt.step()
-
-        def private_step() -> None:
-            private.optimizer.zero_grad()
-            criterion(private.model(x), y).backward()
-            private.optimizer.step()
-
-        times: dict[str, list[float]] = {"plain": [], "dp_sgd": []}
+        plain_step, private_step, close = digits_steps(seed)
         steps = {"plain": plain_step, "dp_sgd": private_step}
+        phases: dict[str, list[list[float]]] = {"plain": [], "dp_sgd": []}
+        faults: dict[str, list[int]] = {"plain": [], "dp_sgd": []}
+        cpu: dict[str, list[float]] = {"plain": [], "dp_sgd": []}
         for i in range(repeats + 20):
             order = ("plain", "dp_sgd") if i % 2 == 0 else ("dp_sgd", "plain")
             for name in order:
-                start = time.perf_counter()
-                steps[name]()
-                elapsed = time.perf_counter() - start
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                cpu_start = time.process_time()
+                phase_times = steps[name]()
+                cpu_s = time.process_time() - cpu_start
                 if i >= 20:  # warm-up
-                    times[name].append(elapsed)
-        private.close()
+                    phases[name].append(phase_times)
+                    cpu[name].append(cpu_s)
+                    faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        close()
+        times = {name: [sum(p) for p in rows] for name, rows in phases.items()}
         plain_ms = statistics.median(times["plain"]) * 1000
         private_ms = statistics.median(times["dp_sgd"]) * 1000
         ratio = private_ms / plain_ms
@@ -345,7 +396,6 @@ def step_timing(repeats: int, threads: int, seed: int) -> dict[str, Any]:
             "torch_threads": threads,
             "repeats": repeats,
             "batch": 32,
-            "params": sum(p.numel() for p in plain.parameters()),
             "plain_median_ms": round(plain_ms, 3),
             "dp_sgd_median_ms": round(private_ms, 3),
             "plain_p90_ms": round(float(np.percentile(b, 90)) * 1000, 3),
@@ -354,9 +404,51 @@ def step_timing(repeats: int, threads: int, seed: int) -> dict[str, Any]:
             "ratio_ci90": [round(float(low), 3), round(float(high), 3)],
             "target_max": STEP_RATIO_TARGET,
             "met": ratio <= STEP_RATIO_TARGET,
+            # CPU time leaves out time other processes held the cores: steadier when shared
+            "plain_cpu_median_ms": round(statistics.median(cpu["plain"]) * 1000, 3),
+            "dp_sgd_cpu_median_ms": round(statistics.median(cpu["dp_sgd"]) * 1000, 3),
+            "cpu_ratio": round(
+                statistics.median(cpu["dp_sgd"]) / statistics.median(cpu["plain"]), 3
+            ),
+            "phase_median_ms": {
+                name: dict(
+                    zip(PHASES, np.round(np.median(rows, axis=0) * 1000, 3).tolist(), strict=True)
+                )
+                for name, rows in phases.items()
+            },
+            "minor_page_faults_per_step_median": {
+                name: statistics.median(counts) for name, counts in faults.items()
+            },
         }
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def opacus_profile(steps: int, seed: int) -> dict[str, float]:
+    """Milliseconds per private step in each of OPACUS_PROFILED (cProfile, 1 thread).
+
+    Cumulative times, so nested entries overlap (the grad samplers run inside
+    `capture_backprops_hook`); cProfile's own overhead inflates them a little.
+    """
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _, private_step, close = digits_steps(seed)
+        for _ in range(20):
+            private_step()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(steps):
+            private_step()
+        profiler.disable()
+        close()
+    finally:
+        torch.set_num_threads(previous_threads)
+    totals = dict.fromkeys(OPACUS_PROFILED, 0.0)
+    for (filename, _, function), (*_, cumulative, _) in pstats.Stats(profiler).stats.items():
+        if function in totals and "opacus" in filename:
+            totals[function] += cumulative
+    return {name: round(total / steps * 1000, 3) for name, total in totals.items()}
 
 
 def opacus_modes(repeats: int, seed: int) -> dict[str, float]:
@@ -476,6 +568,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--opacus-modes", action="store_true", help="also time Opacus's other grad-sample modes"
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile Opacus's parts of the private step"
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     return parser.parse_args(argv)
@@ -493,6 +588,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)
     report["local_round_time"] = local_round_timing(max(10, args.step_repeats // 10), args.seed)
     torch.set_num_threads(threads)
+    if args.profile:
+        report["opacus_profile_ms_per_step"] = opacus_profile(args.step_repeats, args.seed)
     if args.opacus_modes:
         report["opacus_mode_step_ratio"] = opacus_modes(args.step_repeats // 2, args.seed)
     if not args.skip_accuracy:

@@ -96,6 +96,7 @@ def train_locally(
             private.optimizer,
             config.local_epochs,
             config.proximal_mu,
+            private=True,
         )
         return LocalResult(
             state_to_numpy(model), loss, private.epsilon(config.dp_delta), private.state_bytes()

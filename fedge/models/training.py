@@ -24,6 +24,13 @@ def proximal_penalty(model: nn.Module, anchor: dict[str, torch.Tensor], mu: floa
     return 0.5 * mu * squared  # type: ignore[return-value]
 
 
+@torch.no_grad()
+def proximal_step(model: nn.Module, anchor: dict[str, torch.Tensor], rate: float) -> None:
+    """w ← w − rate·(w − w_global): the FedProx gradient step, taken on its own."""
+    for name, param in model.named_parameters():
+        param.sub_(rate * (param - anchor[name]))
+
+
 def train_epochs(
     model: nn.Module,
     loader: DataLoader,
@@ -31,8 +38,15 @@ def train_epochs(
     epochs: int,
     proximal_mu: float = 0.0,
     step_hook: Callable[[], None] | None = None,
+    private: bool = False,
 ) -> float:
-    """Run `epochs` of cross-entropy SGD; returns the mean loss of the last epoch."""
+    """Run `epochs` of cross-entropy SGD; returns the mean loss of the last epoch.
+
+    With `private` (an Opacus DP-SGD optimizer) every gradient is replaced by the
+    clipped, noised mean of per-sample gradients, which would silently drop the
+    FedProx term's gradient. There the term is a decoupled step after each update,
+    w ← w − lr·μ·(w − w_global): it reads no data, so it costs no privacy.
+    """
     criterion = nn.CrossEntropyLoss()
     anchor = (
         {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -46,9 +60,13 @@ def train_epochs(
         for features, labels in loader:
             optimizer.zero_grad()
             loss = criterion(model(features), labels)
-            objective = loss + proximal_penalty(model, anchor, proximal_mu) if anchor else loss
-            objective.backward()
+            if anchor and not private:
+                (loss + proximal_penalty(model, anchor, proximal_mu)).backward()
+            else:
+                loss.backward()
             optimizer.step()
+            if anchor and private:
+                proximal_step(model, anchor, optimizer.param_groups[0]["lr"] * proximal_mu)
             if step_hook is not None:
                 step_hook()
             total += float(loss.detach()) * len(labels)

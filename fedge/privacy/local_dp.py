@@ -12,7 +12,10 @@ accepted as a dict, JSON text or UTF-8 bytes.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
+import os
 import secrets
 import warnings
 from collections.abc import Mapping
@@ -33,6 +36,32 @@ from fedge.privacy._opacus import (
 from fedge.privacy.accountant import check_step, rdp_epsilon
 
 AccountantState = Mapping[str, Any] | bytes | str
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+@functools.cache
+def _keep_freed_memory() -> bool:
+    """Let glibc reuse freed blocks instead of handing them back to the OS each step.
+
+    Opacus allocates every per-sample gradient afresh each step (batch × parameters:
+    4 MB for the digits CNN's first linear layer) and frees it by the next step.
+    With glibc's default thresholds such blocks are mmap'ed and unmapped, or the heap
+    is trimmed, every step: about 2000 page faults a step, a third or more of the
+    private step's extra time. Pinning the mmap threshold at glibc's own cap for its dynamic
+    threshold (32 MB) and the trim threshold at twice that keeps them in the heap.
+    Process-wide; a no-op off glibc. Returns whether it took effect.
+    """
+    try:
+        glibc = os.confstr("CS_GNU_LIBC_VERSION")
+    except (AttributeError, ValueError, OSError):
+        glibc = None
+    if not glibc:
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20) and mallopt(_M_TRIM_THRESHOLD, 64 << 20))
 
 
 def _load_accountant(state: AccountantState | None) -> RDPAccountant:
@@ -127,10 +156,12 @@ def make_local_dp(
     The gradient noise uses `noise_generator`, by default a fresh one seeded from
     `secrets`, so seeding torch for reproducibility does not make the noise
     predictable. Opacus's Poisson batch sampling still uses torch's global RNG
-    (Opacus only replaces it in secure mode, which needs torchcsprng).
+    (Opacus only replaces it in secure mode, which needs torchcsprng). On glibc it
+    also tunes the allocator for Opacus's per-step buffers (`_keep_freed_memory`).
     """
     check_noise_multiplier(noise_multiplier)
     check_positive("max_grad_norm", max_grad_norm)
+    _keep_freed_memory()
     if noise_generator is None:
         noise_generator = torch.Generator().manual_seed(secrets.randbits(63))
     with warnings.catch_warnings():
