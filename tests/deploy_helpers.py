@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedge.deploy import LocalDeployment
+from fedge.server_app.run_folder import Checkpoint, RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -118,6 +119,18 @@ def read_rows(metrics: Path) -> list[dict[str, Any]]:
             if line.strip():
                 rows.append(json.loads(line))
     return rows
+
+
+def saved_checkpoint(folder: Path, at_least: int = 1) -> Checkpoint | None:
+    """The run's checkpoint once it holds round `at_least` or later, else None.
+
+    Checkpoints are replaced atomically, so one that exists is complete.
+    """
+    run = RunFolder(folder)
+    if not run.checkpoint_path.is_file():
+        return None
+    checkpoint = run.load_checkpoint()
+    return checkpoint if checkpoint.round >= at_least else None
 
 
 def log_since(path: Path, offset: int) -> str:

@@ -1,7 +1,8 @@
 """A real federation on 127.0.0.1: flower-superlink + 3 flower-supernode, TLS and auth on.
 
 One module-scoped deployment serves the tests in file order (refusals, garbage,
-restarts, then a full run), which saves a minute of start-up per test. Everything
+then full runs), which saves a minute of start-up per test. Node crashes and restarts
+are tests/test_deploy_faults.py's (a SuperNode killed mid-round rejoins). Everything
 listens on 127.0.0.1 only, on ports the OS reports free, and teardown checks that
 no process started here survives (by FLWR_HOME in each process's environment).
 `flwr run` gets a copy of the project: it would otherwise rewrite pyproject.toml.
@@ -297,25 +298,6 @@ def test_deploy_superlink_survives_garbage(federation: LocalDeployment) -> None:
     answered = {label: codes for label, codes in attacker.statuses.items() if label[0] == "/"}
     assert len(answered) == 3 * len(ROUTES)
     assert all(codes and codes[0] > 0 for codes in answered.values()), answered
-
-
-# --- node crashes and restarts --------------------------------------------------------------
-
-
-@pytest.mark.timeout(300)
-def test_deploy_kill_and_restart_node(federation: LocalDeployment) -> None:
-    ids = dict(federation.node_ids)
-    node = federation.supernodes[NODES - 1]
-    pids = node.leftover_processes()
-    assert pids
-    federation.kill_node(NODES - 1)
-    assert node.leftover_processes() == []
-    # Flower keeps a vanished node "online" until its heartbeat lapses (~60 s) and refuses
-    # it meanwhile; restart_node keeps trying until it is back in with the same identity.
-    federation.restart_node(NODES - 1, timeout=200)
-    federation.restart_node(0, timeout=120)  # graceful stop: back at once
-    assert federation.node_ids == ids
-    assert federation.online_node_ids() == set(ids.values())
 
 
 # --- (a) the fedge app on the deployed federation --------------------------------------------

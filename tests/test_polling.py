@@ -9,11 +9,12 @@ import pytest
 from flwr.app import ConfigRecord, Message
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 from test_strategy import GLOBAL, NODES, delta, reply
 
 from fedge.records import to_array_record
 from fedge.server_app import polling
-from fedge.server_app.polling import ResponsiveGrid, destinations, replying_node
+from fedge.server_app.polling import ResponsiveGrid, destinations, replying_node, responsive
 from fedge.server_app.strategy import FedgeAvg
 from fedge.simulation import NodeGrid
 
@@ -119,3 +120,12 @@ def test_configure_train_samples_nodes_that_join_while_it_waits() -> None:
     strategy = FedgeAvg(min_available_nodes=3)
     messages = strategy.configure_train(1, to_array_record(GLOBAL), ConfigRecord(), JoiningGrid())
     assert sorted(m.metadata.dst_node_id for m in messages) == sorted(NODES)
+
+
+def test_only_flowers_fixed_interval_grids_are_wrapped() -> None:
+    """A custom Grid keeps its own send_and_receive; Flower's in-memory one gets backoff."""
+    custom = NodeGrid(NODES)
+    assert responsive(custom) is custom
+    flowers = InMemoryGrid.__new__(InMemoryGrid)  # isinstance is all that is looked at
+    wrapped = responsive(flowers)
+    assert isinstance(wrapped, ResponsiveGrid) and wrapped.grid is flowers

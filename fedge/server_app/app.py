@@ -19,9 +19,10 @@ from fedge.edge.broadcast import backbone_payload
 from fedge.models import ModelSpec, build_model, save_model, state_to_numpy
 from fedge.records import NamedArrays, to_array_record
 from fedge.server_app.plotting import plot_metrics
+from fedge.server_app.polling import responsive
 from fedge.server_app.privacy import BudgetExhausted, ServerPrivacy
 from fedge.server_app.recorder import RoundRecorder
-from fedge.server_app.run_folder import RunFolder, restore_rng_state
+from fedge.server_app.run_folder import PRIVACY_REPORT, RunFolder, restore_rng_state
 from fedge.server_app.secure_round import SecAggSettings
 from fedge.server_app.strategy import FedgeAvg
 from fedge.task import dataset_for, model_spec_for
@@ -82,6 +83,12 @@ def resume(folder: RunFolder, strategy: FedgeAvg, config: FedgeConfig) -> NamedA
     return checkpoint.arrays
 
 
+def write_privacy_report(folder: RunFolder, strategy: FedgeAvg, stop_reason: str) -> None:
+    """The final privacy.json: the recorder's per-round one plus why the run stopped."""
+    if strategy.privacy is not None:
+        folder.write_json(PRIVACY_REPORT, strategy.privacy.report(stop_reason))
+
+
 def write_outputs(
     folder: RunFolder,
     config: FedgeConfig,
@@ -91,8 +98,8 @@ def write_outputs(
     arrays: NamedArrays,
 ) -> None:
     """privacy.json, final_model.pt (+ ONNX exports) and metrics.png."""
+    write_privacy_report(folder, strategy, "completed all rounds")
     if strategy.privacy is not None:
-        folder.write_json("privacy.json", strategy.privacy.report())
         log(INFO, "fedge: ε=%.4g at δ=%g", strategy.privacy.epsilon(), config.dp_delta)
     final_model = folder.path / "final_model.pt"
     provenance = {
@@ -132,7 +139,7 @@ def main(grid: Grid, context: Context) -> None:
     if remaining > 0:
         try:
             strategy.start(
-                grid=grid,
+                grid=responsive(grid),
                 initial_arrays=to_array_record(arrays),
                 num_rounds=remaining,
                 timeout=config.round_timeout,
@@ -140,6 +147,9 @@ def main(grid: Grid, context: Context) -> None:
             )
         except BudgetExhausted as stop:
             log(WARNING, "fedge: stopping early: %s", stop)
+        except Exception as error:
+            write_privacy_report(folder, strategy, f"the ServerApp failed: {error!r}")
+            raise
         arrays = recorder.last_arrays
     else:
         log(INFO, "fedge: all %s rounds already done", config.num_server_rounds)

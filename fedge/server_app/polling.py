@@ -3,7 +3,7 @@
 Flower's grids poll for replies at a fixed interval: 0.1 s in simulation, 3 s over
 the SuperLink's HTTP API. A fedge round is two to five exchanges (SecAgg+ adds
 three), and each one can lose a whole interval waiting for replies that are already
-there. `ResponsiveGrid` wraps any Grid and polls with exponential backoff instead:
+there. `ResponsiveGrid` wraps such a Grid and polls with exponential backoff instead:
 fast replies are seen within milliseconds, slow ones cost at most one pull per
 `max_interval`.
 """
@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+from flwr.superlink.grid.http_grid import HttpGrid
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 
 class ResponsiveGrid(Grid):
@@ -85,6 +87,17 @@ class ResponsiveGrid(Grid):
             time.sleep(pause)
             interval = min(interval * self.growth, self.max_interval)
         return replies
+
+
+def responsive(grid: Grid) -> Grid:
+    """`grid` wrapped in a ResponsiveGrid if it is one of Flower's fixed-interval grids.
+
+    Any other Grid (a test double, a custom transport) keeps its own
+    `send_and_receive`, which a wrapper would bypass.
+    """
+    if isinstance(grid, (InMemoryGrid, HttpGrid)):
+        return ResponsiveGrid(grid)
+    return grid
 
 
 def destinations(messages: Iterable[Message]) -> dict[str, int]:

@@ -157,8 +157,13 @@ class ServerPrivacy:
         if state.get("adaptive"):
             self.adaptive = AdaptiveClipping.from_dict(state["adaptive"])
 
-    def report(self) -> dict[str, Any]:
-        """privacy.json: the guarantee, how it was spent per round, why the run stopped."""
+    def report(self, stop_reason: str | None = None) -> dict[str, Any]:
+        """privacy.json: the guarantee, how it was spent per round, why the run stopped.
+
+        Written after every round with `stop_reason` None (still running, so a killed
+        ServerApp leaves the ledger of its last round) and once more when the run stops.
+        A refused round's budget reason wins over the caller's.
+        """
         epsilon = self.epsilon()
         return {
             "mode": self.mode,
@@ -180,5 +185,5 @@ class ServerPrivacy:
                 }
                 for r in self.ledger.history
             ],
-            "stop_reason": self.stop_reason or "completed all rounds",
+            "stop_reason": self.stop_reason or stop_reason,
         }

@@ -1,8 +1,10 @@
 """Per-round bookkeeping, run as Flower's `evaluate_fn` after every round.
 
-Centralized evaluation on the held-out split, then one metrics.jsonl row, then
-a checkpoint — in that order, so a crash between the two leaves at most a row
-the checkpoint does not hold, which resume drops before re-running that round.
+Centralized evaluation on the held-out split, then one metrics.jsonl row, the
+privacy report (DP runs) and a checkpoint — in that order, so a crash in between
+leaves at most a row the checkpoint does not hold, which resume drops before
+re-running that round, and a privacy.json that may be a round ahead of the
+checkpoint but never behind it: a killed ServerApp never under-reports ε.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from fedge.data import DatasetBundle
 from fedge.models import ModelSpec, build_model, load_numpy_state
 from fedge.models.training import evaluate
 from fedge.records import NamedArrays, from_array_record
-from fedge.server_app.run_folder import Checkpoint, RunFolder, rng_state
+from fedge.server_app.run_folder import PRIVACY_REPORT, Checkpoint, RunFolder, rng_state
 from fedge.server_app.strategy import FedgeAvg
 
 
@@ -75,6 +77,8 @@ class RoundRecorder:
         row.update({key.replace("-", "_"): value for key, value in report.val_metrics.items()})
         self._last_time = now
         self.folder.append_metrics(row)
+        if self.strategy.privacy is not None:
+            self.folder.write_json(PRIVACY_REPORT, self.strategy.privacy.report())
         self.folder.save_checkpoint(
             Checkpoint(absolute, arrays, self.strategy_arrays(), self.checkpoint_state())
         )

@@ -1,4 +1,4 @@
-"""The run's output folder: metrics.jsonl, checkpoints, final model and plot.
+"""The run's output folder: metrics.jsonl, checkpoints, privacy report, final model, plot.
 
 Writes are atomic (temp file + rename) so an interrupted run never leaves a
 half-written checkpoint; resume reads the last complete one.
@@ -23,6 +23,7 @@ from fedge.records import NamedArrays
 
 CHECKPOINT = "checkpoint.npz"
 METRICS = "metrics.jsonl"
+PRIVACY_REPORT = "privacy.json"
 
 
 @dataclass(frozen=True)

@@ -289,7 +289,8 @@ class FedgeAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.add_edge_backbone(config, from_array_record(arrays))
-        self.wait_for_nodes(grid)
+        if self.fraction_evaluate > 0:  # otherwise no messages, and nothing to wait for
+            self.wait_for_nodes(grid)
         return super().configure_evaluate(self.absolute_round(server_round), arrays, config, grid)
 
     def aggregate_evaluate(
