@@ -572,6 +572,14 @@ def protocol_case(
         "parallel_time_fedge_secagg_over_fedge_plain": fedge["parallel_round_s"]
         / plain["parallel_round_s"],
     }
+    # Rounds with the same index ran back to back, so their ratio cancels slow load drift.
+    summary["paired_ratios_median"] = {
+        f"time_fedge_secagg_over_{other}": statistics.median(
+            mine["round_s"] / theirs["round_s"]
+            for mine, theirs in zip(rows["fedge_secagg"], rows[other], strict=True)
+        )
+        for other in ("flower_secagg", "fedge_plain")
+    }
     summary["meets_targets"] = {
         key: summary["ratios"][key] <= target for key, target in TARGETS.items()
     }
