@@ -515,6 +515,8 @@ class LocalDeployment:
         env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
         env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")  # no network call at start-up
         env["PYTHONUNBUFFERED"] = "1"
+        # SuperExec polls its SuperNode for tasks every 1 s by default: up to 1 s per message.
+        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
         return env
 
     def _node_process(self, index: int) -> ManagedProcess:
