@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from typing import Any, cast
 
@@ -29,7 +29,8 @@ from fedge.secagg import (
     client_unmask,
     upload_bytes_per_client,
 )
-from fedge.secagg.crypto import expand_mask, pairwise_mask
+from fedge.secagg.client import STATE_FIELD
+from fedge.secagg.crypto import Masker
 
 Tamper = Callable[[Stage, dict[int, Payload]], None]
 Transport = Callable[[Mapping[str, object]], Mapping[str, object]]
@@ -258,13 +259,11 @@ def test_masked_upload_looks_uniform_and_hides_the_update() -> None:
     # Even knowing every pairwise mask (as when the server wrongly thinks the node
     # dropped), the self mask alone still hides the update; removing it reveals it.
     state = rnd.states[node]
-    for peer, peer_key in zip(state.peers, state.peer_mask_keys, strict=True):
-        if peer != node:
-            masked = masked - pairwise_mask(
-                state.mask_private, peer_key, node, peer, params.round_seed, masked.size
-            )
+    masked, masker = masked.copy(), Masker(masked.size)
+    for peer, seed in zip(state.partners, state.mask_seeds, strict=True):
+        masker.add_pair(masked, seed, node, peer, remove=True)
     assert _top_byte_chi2(masked) < CHI2_255_P1E6
-    unmasked = masked - expand_mask(state.seed, masked.size)
+    unmasked = masked - masker.expand(state.seed)
     decoded, weight = params.quantizer.decode(unmasked)
     assert weight == rnd.weights[node]
     assert np.abs(decoded - weight * rnd.updates[node]).max() <= params.quantizer.step
@@ -644,6 +643,66 @@ def test_client_never_reveals_both_share_kinds_for_one_peer(data: st.DataObject)
     assert reply["key_shares"] == [shares[p][1] for p in dropped]
     with pytest.raises(ProtocolError, match="expecting nothing"):
         client_unmask(new_state, {**request, "survivors": [], "dropped": survivors})
+
+
+def _recorded_states() -> list[ClientState]:
+    """Every state a client of the recorded round saved, from setup to done."""
+    rnd = _recorded_round()
+    kept = [state for inbox in rnd.inbox.values() for state, _ in inbox.values() if state]
+    return kept + list(rnd.states.values())
+
+
+def test_stored_state_round_trips_as_one_bytes_entry() -> None:
+    for state in _recorded_states():
+        stored = state.to_dict()
+        assert list(stored) == [STATE_FIELD] and isinstance(stored[STATE_FIELD], bytes)
+        assert ClientState.from_dict(stored) == state
+
+
+def _stored(state: ClientState) -> bytes:
+    return cast(bytes, state.to_dict()[STATE_FIELD])
+
+
+def test_corrupt_stored_state_is_rejected() -> None:
+    state = _recorded_states()[-1]
+    blob, node = _stored(state), state.node_id
+    bad_params = replace(state.params)
+    object.__setattr__(bad_params, "threshold", 1)  # below num_shares / 2: never accepted
+    corrupt = {
+        "not bytes": "text",
+        "other version": blob.replace(b"state/1", b"state/2", 1),
+        "truncated": blob[:-1],
+        "trailing": blob + b"\0",
+        "stage 0": _stored(replace(state, next_stage=0)),
+        "stage past done": _stored(replace(state, next_stage=state.next_stage + 1)),
+        "stranger node": _stored(replace(state, node_id=node ^ 1)),
+        "duplicate holders": _stored(replace(state, held=(node, node, *state.held[2:]))),
+        "bad params": _stored(replace(state, params=bad_params)),
+    }
+    for name, value in corrupt.items():
+        with pytest.raises(ProtocolError):
+            ClientState.from_dict({STATE_FIELD: value})
+            pytest.fail(name)
+    with pytest.raises(ProtocolError, match="missing"):
+        ClientState.from_dict({})
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_damaged_stored_state_is_refused_or_well_formed(data: st.DataObject) -> None:
+    """A cut is always refused; a flipped byte either is, or yields a valid state."""
+    states = _recorded_states()
+    blob = _stored(data.draw(st.sampled_from(states)))
+    cut = data.draw(st.integers(0, len(blob) - 1))
+    with pytest.raises(ProtocolError):
+        ClientState.from_dict({STATE_FIELD: blob[:cut]})
+    flipped = bytearray(blob)
+    flipped[cut] ^= data.draw(st.integers(1, 255))
+    try:
+        state = ClientState.from_dict({STATE_FIELD: bytes(flipped)})
+    except ProtocolError:
+        return
+    assert ClientState.from_dict(state.to_dict()) == state
 
 
 def _through_flower(message: Mapping[str, object]) -> Mapping[str, object]:

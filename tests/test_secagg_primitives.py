@@ -13,15 +13,13 @@ from hypothesis import strategies as st
 from fedge.secagg import ProtocolError, Quantizer, SecAggParams, SecAggServer
 from fedge.secagg import quantization_error_bound as error_bound
 from fedge.secagg.crypto import (
+    KeyPair,
+    Masker,
     decrypt_share,
     digest,
     encrypt_share,
-    expand_mask,
-    generate_private_key,
-    pairwise_mask,
     public_key,
     seed_commitment,
-    validate_public_key,
 )
 from fedge.secagg.shamir import PRIME, SHARE_BYTES, combine, split
 
@@ -74,24 +72,38 @@ def test_combine_rejects_malformed_shares(share: bytes) -> None:
 SEED = b"r" * 32
 
 
-def _keypair() -> tuple[bytes, bytes]:
-    private = generate_private_key()
-    return private, public_key(private)
+def test_key_pair_round_trips_and_generates_fresh_keys() -> None:
+    a, b = KeyPair(), KeyPair()
+    assert a.private != b.private and a.public != b.public
+    assert KeyPair(a.private).public == public_key(a.private) == a.public
+
+
+def test_pair_keys_agree_and_separate_purpose_pair_and_round() -> None:
+    a, b, c = KeyPair(), KeyPair(), KeyPair()
+    key = a.share_key(b.public, 1, 2, SEED)
+    assert key == b.share_key(a.public, 2, 1, SEED)  # both sides, either order
+    others = {
+        a.mask_seed(b.public, 1, 2, SEED),
+        a.share_key(b.public, 1, 3, SEED),
+        a.share_key(c.public, 1, 2, SEED),
+        a.share_key(b.public, 1, 2, b"s" * 32),
+    }
+    assert key not in others and len(others) == 4
 
 
 def test_share_ciphertext_binds_sender_receiver_round_and_content() -> None:
-    (a_sk, a_pk), (b_sk, b_pk) = _keypair(), _keypair()
-    c_sk = generate_private_key()
-    ciphertext = encrypt_share(a_sk, b_pk, 1, 2, SEED, b"shares")
-    assert decrypt_share(b_sk, a_pk, 1, 2, SEED, ciphertext) == b"shares"
+    a, b, c = KeyPair(), KeyPair(), KeyPair()
+    key = a.share_key(b.public, 1, 2, SEED)
+    ciphertext = encrypt_share(key, 1, 2, SEED, b"shares")
+    assert decrypt_share(b.share_key(a.public, 2, 1, SEED), 1, 2, SEED, ciphertext) == b"shares"
     flipped = ciphertext[:-1] + bytes([ciphertext[-1] ^ 1])
     attempts = [
-        (b_sk, a_pk, 2, 1, SEED, ciphertext),  # direction swapped
-        (b_sk, a_pk, 1, 3, SEED, ciphertext),  # rerouted to another receiver id
-        (c_sk, a_pk, 1, 2, SEED, ciphertext),  # another receiver's key
-        (b_sk, a_pk, 1, 2, b"s" * 32, ciphertext),  # replayed in another round
-        (b_sk, a_pk, 1, 2, SEED, flipped),
-        (b_sk, a_pk, 1, 2, SEED, ciphertext[:20]),
+        (key, 2, 1, SEED, ciphertext),  # direction swapped (reflected to its sender)
+        (key, 1, 3, SEED, ciphertext),  # rerouted to another receiver id
+        (c.share_key(a.public, 1, 2, SEED), 1, 2, SEED, ciphertext),  # another receiver's key
+        (key, 1, 2, b"s" * 32, ciphertext),  # replayed in another round
+        (key, 1, 2, SEED, flipped),
+        (key, 1, 2, SEED, ciphertext[:20]),
     ]
     for attempt in attempts:
         with pytest.raises(ProtocolError):
@@ -99,29 +111,44 @@ def test_share_ciphertext_binds_sender_receiver_round_and_content() -> None:
 
 
 def test_pairwise_masks_cancel_and_are_not_trivial() -> None:
-    (a_sk, a_pk), (b_sk, b_pk) = _keypair(), _keypair()
-    from_a = pairwise_mask(a_sk, b_pk, 5, 9, SEED, 1000)
-    from_b = pairwise_mask(b_sk, a_pk, 9, 5, SEED, 1000)
-    assert from_a.dtype == np.uint32
-    assert not np.any(from_a + from_b)
+    a, b = KeyPair(), KeyPair()
+    seed = a.mask_seed(b.public, 5, 9, SEED)
+    assert seed == b.mask_seed(a.public, 9, 5, SEED)
+    masker = Masker(1000)
+    total, from_a = np.zeros(1000, np.uint32), np.zeros(1000, np.uint32)
+    masker.add_pair(from_a, seed, 5, 9)
+    masker.add_pair(total, seed, 5, 9)
+    masker.add_pair(total, seed, 9, 5)
+    assert not np.any(total)
     assert np.count_nonzero(from_a) > 990
-    other_round = pairwise_mask(a_sk, b_pk, 5, 9, b"s" * 32, 1000)
-    assert np.count_nonzero(other_round == from_a) < 10
+    masker.add_pair(from_a, seed, 5, 9, remove=True)  # the server strips a partner's mask
+    assert not np.any(from_a)
+    masker.add_pair(from_a, a.mask_seed(b.public, 5, 9, b"s" * 32), 5, 9)
+    assert np.count_nonzero(from_a == masker.expand(seed)) < 10
 
 
 def test_mask_expansion_is_a_deterministic_prefix_stream() -> None:
-    long, short = expand_mask(SEED, 1000), expand_mask(SEED, 7)
+    masker = Masker(1000)
+    long = masker.expand(SEED).copy()
     assert long.dtype == np.uint32 and long.shape == (1000,)
-    assert np.array_equal(long[:7], short)
-    assert np.count_nonzero(expand_mask(b"s" * 32, 1000) == long) < 10
+    assert not masker.expand(SEED).flags.writeable
+    assert np.array_equal(long[:7], Masker(7).expand(SEED))
+    assert np.count_nonzero(masker.expand(b"s" * 32) == long) < 10
+    assert np.array_equal(masker.expand(SEED), long)  # the reused buffer keeps no state
+    vector = np.arange(1000, dtype=np.uint32)
+    masker.add(vector, SEED)
+    masker.add(vector, SEED, subtract=True)
+    assert np.array_equal(vector, np.arange(1000))
     with pytest.raises(ValueError):
-        expand_mask(b"short", 3)
+        masker.expand(b"short")
 
 
 @pytest.mark.parametrize("key", [bytes(32), b"\x01" + bytes(31), bytes(31), b""])
 def test_public_keys_without_a_shared_secret_are_rejected(key: bytes) -> None:
-    with pytest.raises(ProtocolError):
-        validate_public_key(key)
+    pair = KeyPair()
+    for use in (pair.check, lambda k: pair.share_key(k, 1, 2, SEED)):
+        with pytest.raises(ProtocolError):
+            use(key)
 
 
 def test_commitment_and_digest_separate_their_inputs() -> None:

@@ -11,22 +11,21 @@ stops a second unmask request from revealing more shares.
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from fedge.secagg.crypto import (
     KEY_BYTES,
+    KeyPair,
+    Masker,
     decrypt_share,
     encrypt_share,
-    expand_mask,
-    generate_private_key,
-    pairwise_mask,
-    public_key,
     seed_commitment,
-    validate_public_key,
 )
 from fedge.secagg.errors import ProtocolError, SecAggAbort
 from fedge.secagg.messages import (
@@ -45,6 +44,13 @@ from fedge.secagg.params import SecAggParams
 from fedge.secagg.shamir import SHARE_BYTES, share_is_valid, split
 
 _DONE = len(STAGES)
+STATE_FIELD = "state"
+# Stored-state format: this tag (name and version), then big-endian fixed-width
+# fields; each id list carries a 32-bit count, and the byte strings aligned
+# with it follow as one block.
+_STATE_TAG = b"fedge-secagg-state/1"
+_STATE_HEAD = struct.Struct(">QBQQQdQ")  # node_id, next_stage, then the numeric params
+_COUNT = struct.Struct(">I")
 
 
 @dataclass(frozen=True)
@@ -57,52 +63,138 @@ class ClientState:
     enc_private: bytes  # X25519 key for share encryption
     mask_private: bytes  # X25519 key for pairwise masks (secret-shared)
     seed: bytes  # self-mask seed b (secret-shared)
-    peers: tuple[int, ...] = ()  # live neighbours announced at SHARE_KEYS, self included
-    peer_enc_keys: tuple[bytes, ...] = ()
-    peer_mask_keys: tuple[bytes, ...] = ()
+    partners: tuple[int, ...] = ()  # live neighbours but self, announced at SHARE_KEYS
+    share_keys: tuple[bytes, ...] = ()  # per partner: key of the shares exchanged with it
+    mask_seeds: tuple[bytes, ...] = ()  # per partner: seed of the pairwise mask
     held: tuple[int, ...] = ()  # nodes whose shares this client holds, self included
     held_seed_shares: tuple[bytes, ...] = ()
     held_key_shares: tuple[bytes, ...] = ()
 
     def to_dict(self) -> StateDict:
-        """Flat dict of ConfigRecord-compatible values (e.g. for Flower's context.state)."""
-        state: StateDict = {
-            "node_id": self.node_id,
-            "next_stage": self.next_stage,
-            "enc_private": self.enc_private,
-            "mask_private": self.mask_private,
-            "seed": self.seed,
-            "peers": list(self.peers),
-            "peer_enc_keys": list(self.peer_enc_keys),
-            "peer_mask_keys": list(self.peer_mask_keys),
-            "held": list(self.held),
-            "held_seed_shares": list(self.held_seed_shares),
-            "held_key_shares": list(self.held_key_shares),
-        }
-        state.update(self.params.to_payload())
-        return state
+        """The state as one bytes entry (e.g. for Flower's context.state).
+
+        One compact value, not a field per item: a ConfigRecord checks every
+        list element on each write, which cost more than a stage's own work.
+        """
+        params = self.params
+        head = _STATE_HEAD.pack(
+            self.node_id,
+            self.next_stage,
+            params.num_shares,
+            params.threshold,
+            params.vector_length,
+            params.clip_range,
+            params.max_weight,
+        )
+        blob = b"".join(
+            [
+                _STATE_TAG,
+                head,
+                _COUNT.pack(len(params.round_seed)),
+                params.round_seed,
+                _pack_ids(params.participants),
+                self.enc_private,
+                self.mask_private,
+                self.seed,
+                _pack_ids(self.partners),
+                *self.share_keys,
+                *self.mask_seeds,
+                _pack_ids(self.held),
+                *self.held_seed_shares,
+                *self.held_key_shares,
+            ]
+        )
+        return {STATE_FIELD: blob}
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, object]) -> ClientState:
         """Inverse of `to_dict`; ProtocolError if the stored state is corrupt."""
-        peers = read_ids(raw, "peers")
-        held = read_ids(raw, "held")
-        return cls(
-            node_id=read_int(raw, "node_id"),
-            params=SecAggParams.from_payload(raw),
-            next_stage=read_int(raw, "next_stage", 1, _DONE),
-            enc_private=read_bytes(raw, "enc_private", KEY_BYTES),
-            mask_private=read_bytes(raw, "mask_private", KEY_BYTES),
-            seed=read_bytes(raw, "seed", KEY_BYTES),
-            peers=tuple(peers),
-            peer_enc_keys=tuple(read_bytes_list(raw, "peer_enc_keys", len(peers), KEY_BYTES)),
-            peer_mask_keys=tuple(read_bytes_list(raw, "peer_mask_keys", len(peers), KEY_BYTES)),
-            held=tuple(held),
-            held_seed_shares=tuple(
-                read_bytes_list(raw, "held_seed_shares", len(held), SHARE_BYTES)
-            ),
-            held_key_shares=tuple(read_bytes_list(raw, "held_key_shares", len(held), SHARE_BYTES)),
+        reader = _Reader(read_bytes(raw, STATE_FIELD))
+        if reader.take(len(_STATE_TAG)) != _STATE_TAG:
+            raise ProtocolError("stored state has an unknown format or version")
+        node_id, next_stage, num_shares, threshold, vector_length, clip_range, max_weight = (
+            reader.unpack(_STATE_HEAD)
         )
+        round_seed = reader.take(reader.count())
+        participants = reader.ids()
+        try:
+            params = SecAggParams(
+                participants,
+                num_shares,
+                threshold,
+                vector_length,
+                clip_range,
+                max_weight,
+                round_seed,
+            )
+        except ValueError as exc:
+            raise ProtocolError(f"stored state has invalid parameters: {exc}") from exc
+        if not 1 <= next_stage <= _DONE or node_id not in participants:
+            raise ProtocolError("stored state has an invalid stage or node id")
+        enc_private, mask_private, seed = reader.blocks(3, KEY_BYTES)
+        partners = reader.ids()
+        share_keys = reader.blocks(len(partners), KEY_BYTES)
+        mask_seeds = reader.blocks(len(partners), KEY_BYTES)
+        held = reader.ids()
+        held_seed_shares = reader.blocks(len(held), SHARE_BYTES)
+        held_key_shares = reader.blocks(len(held), SHARE_BYTES)
+        reader.finish()
+        return cls(
+            node_id,
+            params,
+            next_stage,
+            enc_private,
+            mask_private,
+            seed,
+            partners,
+            share_keys,
+            mask_seeds,
+            held,
+            held_seed_shares,
+            held_key_shares,
+        )
+
+
+class _Reader:
+    """Strict cursor over a stored state: truncated or trailing data is a ProtocolError."""
+
+    def __init__(self, blob: bytes) -> None:
+        self._blob = blob
+        self._offset = 0
+
+    def take(self, size: int) -> bytes:
+        end = self._offset + size
+        if end > len(self._blob):
+            raise ProtocolError("stored state is truncated")
+        chunk = self._blob[self._offset : end]
+        self._offset = end
+        return chunk
+
+    def unpack(self, layout: struct.Struct) -> tuple[Any, ...]:
+        return layout.unpack(self.take(layout.size))
+
+    def count(self) -> int:
+        return int(self.unpack(_COUNT)[0])
+
+    def ids(self) -> tuple[int, ...]:
+        """A counted list of distinct node ids."""
+        count = self.count()
+        ids = struct.unpack(f">{count}Q", self.take(8 * count))
+        if len(set(ids)) != count:
+            raise ProtocolError("stored state has duplicate node ids")
+        return ids
+
+    def blocks(self, count: int, size: int) -> tuple[bytes, ...]:
+        data = self.take(count * size)
+        return tuple(data[i : i + size] for i in range(0, count * size, size))
+
+    def finish(self) -> None:
+        if self._offset != len(self._blob):
+            raise ProtocolError("stored state has trailing bytes")
+
+
+def _pack_ids(ids: tuple[int, ...]) -> bytes:
+    return _COUNT.pack(len(ids)) + struct.pack(f">{len(ids)}Q", *ids)
 
 
 def client_setup(node_id: int, payload: Mapping[str, object]) -> tuple[ClientState, Payload]:
@@ -116,18 +208,19 @@ def client_setup(node_id: int, payload: Mapping[str, object]) -> tuple[ClientSta
     params = SecAggParams.from_payload(payload)
     if node_id not in params.participants:
         raise ProtocolError(f"node {node_id} is not among the participants")
+    enc, mask = KeyPair(), KeyPair()
     state = ClientState(
         node_id=node_id,
         params=params,
         next_stage=STAGES.index(Stage.SHARE_KEYS),
-        enc_private=generate_private_key(),
-        mask_private=generate_private_key(),
+        enc_private=enc.private,
+        mask_private=mask.private,
         seed=os.urandom(KEY_BYTES),
     )
     reply: Payload = {
         STAGE_KEY: Stage.SETUP.value,
-        "pk_enc": public_key(state.enc_private),
-        "pk_mask": public_key(state.mask_private),
+        "pk_enc": enc.public,
+        "pk_mask": mask.public,
         "seed_commitment": seed_commitment(state.seed, node_id, params.round_seed),
     }
     return state, reply
@@ -149,37 +242,31 @@ def client_share_keys(
     if me not in peers or not set(peers) <= set(params.neighbours(me)):
         raise ProtocolError(f"neighbours {peers} are not a neighbourhood of node {me}")
     mine = peers.index(me)
-    if (enc_keys[mine], mask_keys[mine]) != (
-        public_key(state.enc_private),
-        public_key(state.mask_private),
-    ):
+    enc, mask = KeyPair(state.enc_private), KeyPair(state.mask_private)
+    if (enc_keys[mine], mask_keys[mine]) != (enc.public, mask.public):
         raise ProtocolError("the server altered this node's own public keys")
     if len(peers) < params.threshold:
         raise SecAggAbort(f"only {len(peers)} live neighbours, threshold {params.threshold}")
-    for key in enc_keys + mask_keys:
-        validate_public_key(key)
+    rs = params.round_seed
+    others = [i for i, peer in enumerate(peers) if peer != me]
+    # Both pair keys are derived now, once: that also refuses a low-order peer
+    # key before any share leaves this node.
+    share_keys = tuple(enc.share_key(enc_keys[i], me, peers[i], rs) for i in others)
+    mask_seeds = tuple(mask.mask_seed(mask_keys[i], me, peers[i], rs) for i in others)
     xs = [params.x_coordinate(peer) for peer in peers]
     seed_shares = split(state.seed, xs, params.threshold)
     key_shares = split(state.mask_private, xs, params.threshold)
-    receivers = [peer for peer in peers if peer != me]
+    receivers = [peers[i] for i in others]
     ciphertexts = [
-        encrypt_share(
-            state.enc_private,
-            enc_keys[i],
-            me,
-            peer,
-            params.round_seed,
-            seed_shares[i] + key_shares[i],
-        )
-        for i, peer in enumerate(peers)
-        if peer != me
+        encrypt_share(key, me, peers[i], rs, seed_shares[i] + key_shares[i])
+        for key, i in zip(share_keys, others, strict=True)
     ]
     state = replace(
         state,
         next_stage=STAGES.index(Stage.MASKED_INPUT),
-        peers=tuple(peers),
-        peer_enc_keys=tuple(enc_keys),
-        peer_mask_keys=tuple(mask_keys),
+        partners=tuple(receivers),
+        share_keys=share_keys,
+        mask_seeds=mask_seeds,
         held=(me,),
         held_seed_shares=(seed_shares[mine],),
         held_key_shares=(key_shares[mine],),
@@ -213,29 +300,23 @@ def client_masked_input(
     encoded = params.quantizer.encode(update, weight)
     senders = read_ids(payload, "senders")
     ciphertexts = read_bytes_list(payload, "ciphertexts", len(senders))
-    index = {peer: i for i, peer in enumerate(state.peers) if peer != me}
+    index = {peer: i for i, peer in enumerate(state.partners)}
     if not set(senders) <= index.keys():
         raise ProtocolError(f"senders {senders} are not live neighbours of node {me}")
     accepted: dict[int, tuple[bytes, bytes]] = {}
     for sender, ciphertext in zip(senders, ciphertexts, strict=True):
-        shares = _open_shares(state, state.peer_enc_keys[index[sender]], sender, ciphertext)
+        shares = _open_shares(state, state.share_keys[index[sender]], sender, ciphertext)
         if shares is not None:
             accepted[sender] = shares
     if 1 + len(accepted) < params.threshold:
         raise SecAggAbort(
             f"only {1 + len(accepted)} share holders left, threshold {params.threshold}"
         )
-    length = params.vector_length + 1
-    masked = encoded + expand_mask(state.seed, length)
+    masked = encoded  # masked in place: the plain encoding never leaves this function
+    masker = Masker(masked.size)
+    masker.add(masked, state.seed)
     for sender in accepted:  # no mask with rejected senders: the server drops them
-        masked += pairwise_mask(
-            state.mask_private,
-            state.peer_mask_keys[index[sender]],
-            me,
-            sender,
-            params.round_seed,
-            length,
-        )
+        masker.add_pair(masked, state.mask_seeds[index[sender]], me, sender)
     state = replace(
         state,
         next_stage=STAGES.index(Stage.UNMASK),
@@ -277,17 +358,12 @@ def client_unmask(state: ClientState, payload: Mapping[str, object]) -> tuple[Cl
 
 
 def _open_shares(
-    state: ClientState, peer_enc_key: bytes, sender: int, ciphertext: bytes
+    state: ClientState, share_key: bytes, sender: int, ciphertext: bytes
 ) -> tuple[bytes, bytes] | None:
     """The (seed share, key share) pair from `sender`, or None if it is not authentic."""
     try:
         plaintext = decrypt_share(
-            state.enc_private,
-            peer_enc_key,
-            sender,
-            state.node_id,
-            state.params.round_seed,
-            ciphertext,
+            share_key, sender, state.node_id, state.params.round_seed, ciphertext
         )
     except ProtocolError:
         return None

@@ -44,24 +44,68 @@ def digest(*parts: bytes) -> bytes:
     return hasher.finalize()
 
 
-def generate_private_key() -> bytes:
-    """A fresh X25519 private key; one per purpose and round, never reused."""
-    return X25519PrivateKey.generate().private_bytes_raw()
+class KeyPair:
+    """A parsed X25519 private key, for one stage's exchanges with all its peers.
+
+    Parsing or generating a key costs about two exchanges, so a stage parses
+    each of its keys once. Keep instances local to the stage that made them.
+    """
+
+    def __init__(self, private: bytes | None = None) -> None:
+        """Parse `private`, or generate a fresh key (one per purpose and round) if None."""
+        self._key = (
+            X25519PrivateKey.generate()
+            if private is None
+            else X25519PrivateKey.from_private_bytes(private)
+        )
+
+    @property
+    def private(self) -> bytes:
+        return self._key.private_bytes_raw()
+
+    @property
+    def public(self) -> bytes:
+        return self._key.public_key().public_bytes_raw()
+
+    def check(self, peer_public: bytes) -> None:
+        """Reject keys that cannot yield a shared secret (wrong size, low order).
+
+        A trial exchange is the only check `cryptography` exposes; doing it early
+        lets the server drop the sender before anyone else has to use the key.
+        """
+        self._exchange(peer_public)
+
+    def share_key(self, peer_public: bytes, node: int, peer: int, round_seed: bytes) -> bytes:
+        """The pair's ChaCha20-Poly1305 key for shares, the same in both directions."""
+        return self._pair_key(peer_public, node, peer, round_seed, b"share-key")
+
+    def mask_seed(self, peer_public: bytes, node: int, peer: int, round_seed: bytes) -> bytes:
+        """The pair's mask seed (see `Masker.add_pair`), the same from both sides.
+
+        The server recomputes it once it has rebuilt a dropped client's private key.
+        """
+        return self._pair_key(peer_public, node, peer, round_seed, b"pair-mask")
+
+    def _pair_key(
+        self, peer_public: bytes, a: int, b: int, round_seed: bytes, purpose: bytes
+    ) -> bytes:
+        low, high = sorted((a, b))
+        info = _LABEL + purpose + node_bytes(low) + node_bytes(high)
+        shared = self._exchange(peer_public)
+        return HKDF(hashes.SHA256(), KEY_BYTES, salt=round_seed, info=info).derive(shared)
+
+    def _exchange(self, peer_public: bytes) -> bytes:
+        if len(peer_public) != KEY_BYTES:
+            raise ProtocolError(f"public key must be {KEY_BYTES} bytes")
+        try:
+            return self._key.exchange(X25519PublicKey.from_public_bytes(peer_public))
+        except ValueError as exc:
+            raise ProtocolError("public key yields no shared secret (low-order point)") from exc
 
 
 def public_key(private: bytes) -> bytes:
-    """The X25519 public key of `private` (also used to verify a rebuilt key)."""
-    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
-
-
-def validate_public_key(public: bytes) -> None:
-    """Reject keys that cannot yield a shared secret (wrong size, low order).
-
-    A trial exchange with a throwaway key is the only check `cryptography`
-    exposes; doing it early lets the server drop the sender before anyone
-    else has to use the key.
-    """
-    _exchange(generate_private_key(), public)
+    """The X25519 public key of `private` (used to verify a rebuilt key)."""
+    return KeyPair(private).public
 
 
 def seed_commitment(seed: bytes, node: int, round_seed: bytes) -> bytes:
@@ -71,36 +115,25 @@ def seed_commitment(seed: bytes, node: int, round_seed: bytes) -> bytes:
 
 
 def encrypt_share(
-    private: bytes,
-    peer_public: bytes,
-    sender: int,
-    receiver: int,
-    round_seed: bytes,
-    plaintext: bytes,
+    key: bytes, sender: int, receiver: int, round_seed: bytes, plaintext: bytes
 ) -> bytes:
-    """Encrypt shares from `sender` to `receiver` (nonce || ChaCha20-Poly1305).
+    """Encrypt shares from `sender` to `receiver` under their `KeyPair.share_key`.
 
-    The associated data names sender, receiver and round, so the server cannot
-    reroute or replay a ciphertext without the receiver noticing.
+    Output: nonce || ChaCha20-Poly1305. The associated data names sender,
+    receiver and round, so the server cannot reroute or replay a ciphertext
+    (not even back to its sender) without the receiver noticing.
     """
-    key = _pair_key(private, peer_public, sender, receiver, round_seed, b"share-key")
     nonce = os.urandom(NONCE_BYTES)
     ad = _share_ad(sender, receiver, round_seed)
     return nonce + ChaCha20Poly1305(key).encrypt(nonce, plaintext, ad)
 
 
 def decrypt_share(
-    private: bytes,
-    peer_public: bytes,
-    sender: int,
-    receiver: int,
-    round_seed: bytes,
-    ciphertext: bytes,
+    key: bytes, sender: int, receiver: int, round_seed: bytes, ciphertext: bytes
 ) -> bytes:
     """Inverse of `encrypt_share`; raises ProtocolError if authentication fails."""
     if len(ciphertext) < CIPHERTEXT_OVERHEAD:
         raise ProtocolError(f"ciphertext from node {sender} is too short")
-    key = _pair_key(private, peer_public, sender, receiver, round_seed, b"share-key")
     nonce, body = ciphertext[:NONCE_BYTES], ciphertext[NONCE_BYTES:]
     try:
         return ChaCha20Poly1305(key).decrypt(nonce, body, _share_ad(sender, receiver, round_seed))
@@ -120,48 +153,49 @@ def keystream(key: bytes, num_bytes: int) -> bytes:
     )
 
 
-def expand_mask(seed: bytes, length: int) -> NDArray[np.uint32]:
-    """The mask of a 256-bit `seed`: its keystream read as `length` uint32s (read-only)."""
-    return np.frombuffer(keystream(seed, 4 * length), dtype="<u4").astype(np.uint32, copy=False)
+class Masker:
+    """Adds PRG masks to vectors of one length, through one reused keystream buffer.
 
-
-def pairwise_mask(
-    private: bytes,
-    peer_public: bytes,
-    node: int,
-    peer: int,
-    round_seed: bytes,
-    length: int,
-) -> NDArray[np.uint32]:
-    """What `node` adds for the pair {node, peer}: +PRG if node < peer, else -PRG.
-
-    The seed is symmetric in the pair, so the two contributions cancel in the
-    sum, and the server can recompute either side once it has rebuilt the
-    private mask key of a dropped client.
+    At model size a fresh buffer per mask costs about as much in page faults as
+    the cipher itself, so a stage expands all its masks through one instance.
     """
-    seed = _pair_key(private, peer_public, node, peer, round_seed, b"pair-mask")
-    mask = expand_mask(seed, length)
-    return mask if node < peer else np.negative(mask)
 
+    def __init__(self, length: int) -> None:
+        self._zeros = bytes(4 * length)
+        self._buffer = bytearray(4 * length)
 
-def _pair_key(
-    private: bytes, peer_public: bytes, a: int, b: int, round_seed: bytes, purpose: bytes
-) -> bytes:
-    low, high = sorted((a, b))
-    info = _LABEL + purpose + node_bytes(low) + node_bytes(high)
-    shared = _exchange(private, peer_public)
-    return HKDF(hashes.SHA256(), KEY_BYTES, salt=round_seed, info=info).derive(shared)
+    def expand(self, seed: bytes) -> NDArray[np.uint32]:
+        """The mask of a 256-bit `seed`: its ChaCha20 keystream read as uint32s.
+
+        A read-only view that the next call overwrites. Each seed keys exactly
+        one stream, so the all-zero nonce is safe.
+        """
+        if len(seed) != KEY_BYTES:
+            raise ValueError(f"mask seed must be {KEY_BYTES} bytes")
+        cipher = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None)
+        cipher.encryptor().update_into(self._zeros, self._buffer)
+        mask = np.frombuffer(self._buffer, dtype="<u4").astype(np.uint32, copy=False)
+        mask.flags.writeable = False
+        return mask
+
+    def add(self, vector: NDArray[np.uint32], seed: bytes, subtract: bool = False) -> None:
+        """Add (or subtract) the mask of `seed` to `vector` in place, mod 2^32."""
+        if subtract:
+            vector -= self.expand(seed)
+        else:
+            vector += self.expand(seed)
+
+    def add_pair(
+        self, vector: NDArray[np.uint32], seed: bytes, node: int, peer: int, remove: bool = False
+    ) -> None:
+        """Add what `node` contributes for the pair {node, peer}, or with `remove` take it out.
+
+        That is +PRG(seed) if node < peer, else -PRG(seed), so the two sides
+        cancel in the sum; the server removes a survivor's contribution for a
+        dropped partner.
+        """
+        self.add(vector, seed, subtract=(node < peer) == remove)
 
 
 def _share_ad(sender: int, receiver: int, round_seed: bytes) -> bytes:
     return digest(_LABEL + b"share-ad", round_seed, node_bytes(sender), node_bytes(receiver))
-
-
-def _exchange(private: bytes, peer_public: bytes) -> bytes:
-    if len(peer_public) != KEY_BYTES:
-        raise ProtocolError(f"public key must be {KEY_BYTES} bytes")
-    try:
-        peer = X25519PublicKey.from_public_bytes(peer_public)
-        return X25519PrivateKey.from_private_bytes(private).exchange(peer)
-    except ValueError as exc:
-        raise ProtocolError("public key yields no shared secret (low-order point)") from exc

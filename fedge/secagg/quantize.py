@@ -78,14 +78,19 @@ class Quantizer:
         if isinstance(weight, bool) or not isinstance(weight, Integral) or weight < 0:
             raise ValueError(f"weight must be a non-negative integer, got {weight!r}")
         capped = min(int(weight), self.max_weight)
+        # In place wherever possible: at model size, each fresh temporary costs
+        # about as much in page faults as the arithmetic itself.
         scaled = np.clip(update, -self.clip_range, self.clip_range, dtype=np.float64)
         scaled *= capped / self.step
         levels = np.floor(scaled)
         scaled -= levels  # the fractional part: round up with exactly this probability
-        levels += _uniform_uint32(scaled.size) < scaled * 2.0**32
-        np.clip(levels, -self.max_level, self.max_level, out=levels)
+        scaled *= 2.0**32
+        levels += _uniform_uint32(scaled.size) < scaled
+        limit = float(self.max_level)
+        np.clip(levels, -limit, limit, out=levels)
         encoded = np.empty(levels.size + 1, dtype=np.uint32)
-        encoded[:-1] = levels.astype(np.int32).view(np.uint32)  # two's complement = mod 2^32
+        # integral and within int32, so the cast is exact; two's complement = mod 2^32
+        np.copyto(encoded[:-1].view(np.int32), levels, casting="unsafe")
         encoded[-1] = capped
         return encoded
 

@@ -21,11 +21,10 @@ from numpy.typing import NDArray
 from fedge.secagg.crypto import (
     DIGEST_BYTES,
     KEY_BYTES,
-    expand_mask,
-    pairwise_mask,
+    KeyPair,
+    Masker,
     public_key,
     seed_commitment,
-    validate_public_key,
 )
 from fedge.secagg.errors import ProtocolError, SecAggAbort
 from fedge.secagg.messages import (
@@ -133,7 +132,8 @@ class SecAggServer:
     def receive_public_keys(self, replies: Replies) -> dict[int, Payload]:
         """Store keys and commitments; send each client its live neighbours' keys."""
         self._begin("receive_public_keys")
-        for node, (enc, mask, commitment) in self._collect(replies, Stage.SETUP, self._parse_keys):
+        parse = partial(self._parse_keys, KeyPair())  # one throwaway key checks them all
+        for node, (enc, mask, commitment) in self._collect(replies, Stage.SETUP, parse):
             self._pk_enc[node], self._pk_mask[node] = enc, mask
             self._commitments[node] = commitment
         self._prune(Stage.SETUP)
@@ -229,14 +229,14 @@ class SecAggServer:
                 seed_points[owner][x] = share
             for owner, share in zip(dropped, key_shares, strict=True):
                 key_points[owner][x] = share
-        rs, length = self.params.round_seed, self.params.vector_length + 1
-        total = self._total
+        rs, total = self.params.round_seed, self._total
+        masker = Masker(total.size)
         for node in self.active:
             commit = partial(seed_commitment, node=node, round_seed=rs)
             seed = self._recover(
                 seed_points[node], node, "self-mask seed", commit, self._commitments[node]
             )
-            total -= expand_mask(seed, length)
+            masker.add(total, seed, subtract=True)
         for dropped_node in self._needed_keys:
             key = self._recover(
                 key_points[dropped_node],
@@ -245,18 +245,22 @@ class SecAggServer:
                 public_key,
                 self._pk_mask[dropped_node],
             )
+            dropped_pair = KeyPair(key)
             for node in self.active:
                 if dropped_node in self._partners[node]:
-                    total -= pairwise_mask(key, self._pk_mask[node], node, dropped_node, rs, length)
+                    pair_seed = dropped_pair.mask_seed(self._pk_mask[node], node, dropped_node, rs)
+                    masker.add_pair(total, pair_seed, node, dropped_node, remove=True)
         weighted_sum, total_weight = self.params.quantizer.decode(total)
         return AggregateResult(weighted_sum, total_weight, self.active, self.dropped, faults)
 
-    def _parse_keys(self, node: int, reply: Mapping[str, object]) -> tuple[bytes, bytes, bytes]:
+    def _parse_keys(
+        self, probe: KeyPair, node: int, reply: Mapping[str, object]
+    ) -> tuple[bytes, bytes, bytes]:
         expect_stage(reply, Stage.SETUP)
         enc = read_bytes(reply, "pk_enc", KEY_BYTES)
         mask = read_bytes(reply, "pk_mask", KEY_BYTES)
-        validate_public_key(enc)
-        validate_public_key(mask)
+        probe.check(enc)
+        probe.check(mask)
         return enc, mask, read_bytes(reply, "seed_commitment", DIGEST_BYTES)
 
     def _parse_shares(self, node: int, reply: Mapping[str, object]) -> dict[int, bytes]:
