@@ -129,3 +129,4 @@ def test_only_flowers_fixed_interval_grids_are_wrapped() -> None:
     flowers = InMemoryGrid.__new__(InMemoryGrid)  # isinstance is all that is looked at
     wrapped = responsive(flowers)
     assert isinstance(wrapped, ResponsiveGrid) and wrapped.grid is flowers
+    assert wrapped.max_interval <= 0.05  # in-process pulls are cheap: stay quick

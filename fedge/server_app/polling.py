@@ -95,7 +95,9 @@ def responsive(grid: Grid) -> Grid:
     Any other Grid (a test double, a custom transport) keeps its own
     `send_and_receive`, which a wrapper would bypass.
     """
-    if isinstance(grid, (InMemoryGrid, HttpGrid)):
+    if isinstance(grid, InMemoryGrid):  # a pull is a read of in-process state: cheap
+        return ResponsiveGrid(grid, max_interval=0.02)
+    if isinstance(grid, HttpGrid):  # a pull is an HTTPS request to the SuperLink
         return ResponsiveGrid(grid)
     return grid
 
