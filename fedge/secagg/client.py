@@ -112,23 +112,13 @@ class ClientState:
         reader = _Reader(read_bytes(raw, STATE_FIELD))
         if reader.take(len(_STATE_TAG)) != _STATE_TAG:
             raise ProtocolError("stored state has an unknown format or version")
-        node_id, next_stage, num_shares, threshold, vector_length, clip_range, max_weight = (
-            reader.unpack(_STATE_HEAD)
-        )
+        head = reader.unpack(_STATE_HEAD)
+        node_id, next_stage, numeric_params = head[0], head[1], head[2:]
         round_seed = reader.take(reader.count())
         participants = reader.ids()
-        try:
-            params = SecAggParams(
-                participants,
-                num_shares,
-                threshold,
-                vector_length,
-                clip_range,
-                max_weight,
-                round_seed,
-            )
-        except ValueError as exc:
-            raise ProtocolError(f"stored state has invalid parameters: {exc}") from exc
+        params = SecAggParams.untrusted(
+            "stored state has invalid parameters", participants, *numeric_params, round_seed
+        )
         if not 1 <= next_stage <= _DONE or node_id not in participants:
             raise ProtocolError("stored state has an invalid stage or node id")
         enc_private, mask_private, seed = reader.blocks(3, KEY_BYTES)

@@ -113,22 +113,19 @@ class SecAggParams:
     @classmethod
     def from_payload(cls, payload: Mapping[str, object]) -> SecAggParams:
         """Parse and validate parameters received from a peer (ProtocolError if unsafe)."""
-        participants = tuple(read_ids(payload, "participants"))
-        num_shares = read_int(payload, "num_shares")
-        threshold = read_int(payload, "threshold")
-        vector_length = read_int(payload, "vector_length")
-        clip_range = read_float(payload, "clip_range")
-        max_weight = read_int(payload, "max_weight")
-        round_seed = read_bytes(payload, "round_seed")
+        return cls.untrusted(
+            "refusing round parameters",
+            tuple(read_ids(payload, "participants")),
+            *(read_int(payload, key) for key in ("num_shares", "threshold", "vector_length")),
+            read_float(payload, "clip_range"),
+            read_int(payload, "max_weight"),
+            read_bytes(payload, "round_seed"),
+        )
+
+    @classmethod
+    def untrusted(cls, context: str, *fields: object) -> SecAggParams:
+        """Build from values read off a peer or storage: invalid ones raise ProtocolError."""
         try:
-            return cls(
-                participants,
-                num_shares,
-                threshold,
-                vector_length,
-                clip_range,
-                max_weight,
-                round_seed,
-            )
+            return cls(*fields)  # type: ignore[arg-type]
         except ValueError as exc:
-            raise ProtocolError(f"refusing round parameters: {exc}") from exc
+            raise ProtocolError(f"{context}: {exc}") from exc
