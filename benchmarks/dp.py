@@ -64,10 +64,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Context, RecordDict
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from opacus.accountants.utils import get_noise_multiplier
-from report import finish, machine
+from report import finish, machine, with_run_config
 from torch import nn
 
 from fedge.client_app.local_data import LocalData
@@ -92,34 +92,29 @@ _PLAN: list[dict[str, Any]] = []
 _RESULTS: list[dict[str, Any]] = []
 
 
-def central_sigma(target_epsilon: float, rounds: int) -> float:
-    """σ so that `rounds` full-participation rounds cost at most `target_epsilon`."""
+def noise_multiplier(target_epsilon: float, sample_rate: float, steps: int) -> float:
+    """σ so that `steps` RDP-accounted steps at `sample_rate` cost at most `target_epsilon`."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return float(
             get_noise_multiplier(
                 target_epsilon=target_epsilon,
                 target_delta=DELTA,
-                sample_rate=1.0,
-                steps=rounds,
-                accountant="rdp",
-            )
-        )
-
-
-def local_sigma(target_epsilon: float, batches: int, steps: int) -> float:
-    """DP-SGD σ so that `steps` steps at q = 1/batches cost at most `target_epsilon`."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=DELTA,
-                sample_rate=1 / batches,
+                sample_rate=sample_rate,
                 steps=steps,
                 accountant="rdp",
             )
         )
+
+
+def central_sigma(target_epsilon: float, rounds: int) -> float:
+    """σ so that `rounds` full-participation rounds cost at most `target_epsilon`."""
+    return noise_multiplier(target_epsilon, 1.0, rounds)
+
+
+def local_sigma(target_epsilon: float, batches: int, steps: int) -> float:
+    """DP-SGD σ so that `steps` steps at q = 1/batches cost at most `target_epsilon`."""
+    return noise_multiplier(target_epsilon, 1 / batches, steps)
 
 
 def batches_per_client(run_config: dict[str, Any], clients: int) -> list[int]:
@@ -172,15 +167,8 @@ def bench_main(grid: Grid, context: Context) -> None:
     """fedge's own ServerApp once per planned segment, each in its own run folder."""
     for segment in _PLAN:
         run_config = {**context.run_config, **segment["overrides"], "run-name": segment["name"]}
-        segment_context = Context(
-            run_id=context.run_id,
-            node_id=context.node_id,
-            node_config=context.node_config,
-            state=RecordDict(),
-            run_config=run_config,
-        )
         start = time.perf_counter()
-        fedge_server_main(grid, segment_context)
+        fedge_server_main(grid, with_run_config(context, run_config))
         run_dir = Path(run_config["output-dir"]) / segment["name"]
         result = {
             "variant": segment["variant"],

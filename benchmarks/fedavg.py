@@ -60,7 +60,7 @@ from flwr.app import (
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
-from report import finish, parse_with_common_options, start
+from report import finish, parse_with_common_options, start, with_run_config
 
 from fedge.config import FedgeConfig
 from fedge.models import build_model, load_numpy_state, state_to_numpy
@@ -137,14 +137,7 @@ def run_fedge_segment(grid: Grid, context: Context, name: str) -> dict[str, Any]
     """fedge's full ServerApp into a fresh run folder; per-round seconds from metrics.jsonl."""
     run_config = dict(context.run_config)
     run_config["run-name"] = name
-    segment_context = Context(
-        run_id=context.run_id,
-        node_id=context.node_id,
-        node_config=context.node_config,
-        state=RecordDict(),
-        run_config=run_config,
-    )
-    fedge_server_main(grid, segment_context)
+    fedge_server_main(grid, with_run_config(context, run_config))
     config = FedgeConfig.from_run_config(run_config)
     rows = RunFolder(Path(config.output_dir) / name).read_metrics()
     return {

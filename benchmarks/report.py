@@ -11,6 +11,20 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from flwr.app import Context, RecordDict
+
+
+def with_run_config(context: Context, run_config: dict[str, Any]) -> Context:
+    """The ServerApp's context with another run config and fresh state: one more run of
+    fedge's ServerApp main inside a benchmark's own ServerApp."""
+    return Context(
+        run_id=context.run_id,
+        node_id=context.node_id,
+        node_config=context.node_config,
+        state=RecordDict(),
+        run_config=run_config,
+    )
+
 
 def machine(*packages: str) -> dict[str, Any]:
     """CPU, Python, the named packages' versions and the load when the run starts.

@@ -31,8 +31,9 @@ HOST = "127.0.0.1"
 # --- processes ------------------------------------------------------------------------------
 
 
-def pids_with_env_prefix(prefix: str) -> list[int]:
-    """Processes whose environment has an entry starting with `prefix` (inherited by helpers)."""
+def pids_with_env_prefix(prefix: str, *, whole_entry: bool = False) -> list[int]:
+    """Live processes whose environment has an entry starting with `prefix` (or equal to it,
+    with `whole_entry`); children inherit the environment, so helpers are found too."""
     wanted = prefix.encode()
     pids = []
     for proc in Path("/proc").iterdir():
@@ -43,7 +44,9 @@ def pids_with_env_prefix(prefix: str) -> list[int]:
             state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             continue
-        if state not in ("Z", "X") and any(e.startswith(wanted) for e in environ.split(b"\0")):
+        entries = environ.split(b"\0")
+        found = wanted in entries if whole_entry else any(e.startswith(wanted) for e in entries)
+        if state not in ("Z", "X") and found:
             pids.append(int(proc.name))
     return pids
 

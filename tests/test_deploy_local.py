@@ -31,6 +31,7 @@ from deploy_helpers import (
     HOST,
     REPO,
     app_copy,
+    deployment,
     kill_leftovers,
     log_since,
     pids_with_env_prefix,
@@ -50,18 +51,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDeployment]:
-    directory = tmp_path_factory.mktemp("deploy")
-    deployment = LocalDeployment(
-        NODES, directory, port_base=0, workdir=directory, startup_timeout=300
-    )
-    try:
-        deployment.start()
-        yield deployment
-    finally:
-        deployment.stop()
-        stragglers = deployment.leftover_processes()
-        leaked = kill_leftovers(f"FLWR_HOME={directory}")
-        assert not stragglers and not leaked, f"processes survived stop(): {stragglers} {leaked}"
+    with deployment(NODES, tmp_path_factory.mktemp("deploy")) as started:
+        yield started
 
 
 # --- (b) SuperNodes the SuperLink must refuse ---------------------------------------------

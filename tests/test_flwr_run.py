@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import tomllib
@@ -22,7 +21,10 @@ from importlib.metadata import metadata
 from pathlib import Path
 
 import pytest
+from deploy_helpers import pids_with_env_prefix
 from packaging.specifiers import SpecifierSet
+
+from fedge.deploy.processes import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,38 +41,16 @@ def test_requires_python_admits_no_python_that_flwr_rejects() -> None:
             assert version in flwr, f"requires-python {ours} allows {version}; flwr needs {flwr}"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _pids_with_env(entry: str) -> list[int]:
-    """Processes whose environment holds `entry` (children inherit FLWR_HOME)."""
-    wanted = entry.encode()
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes()
-        except OSError:
-            continue
-        if wanted in environ.split(b"\0"):
-            pids.append(int(proc.name))
-    return pids
-
-
 def _stop(entry: str) -> list[int]:
     """SIGTERM, then SIGKILL, every process started with `entry`; returns survivors."""
     for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-        for pid in _pids_with_env(entry):
+        for pid in pids_with_env_prefix(entry, whole_entry=True):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + grace
-        while _pids_with_env(entry) and time.monotonic() < deadline:
+        while pids_with_env_prefix(entry, whole_entry=True) and time.monotonic() < deadline:
             time.sleep(0.5)
-    return _pids_with_env(entry)
+    return pids_with_env_prefix(entry, whole_entry=True)
 
 
 @pytest.mark.slow
@@ -93,8 +73,8 @@ def test_flwr_run_stream_completes_two_rounds(tmp_path: Path) -> None:
     env.update(
         FLWR_HOME=str(flwr_home),
         # our own SuperLink, never one another project left running on the defaults
-        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()),
-        FLWR_LOCAL_CONTROL_API_PORT=str(_free_port()),
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+        FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
         # dependencies are installed already, and CI machines may be offline
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         FLWR_DISABLE_UPDATE_CHECK="1",
