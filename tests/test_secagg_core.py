@@ -16,17 +16,21 @@ from hypothesis import strategies as st
 from numpy.typing import NDArray
 
 from fedge.secagg import (
+    Advertisements,
     AggregateResult,
     ClientState,
     Payload,
     ProtocolError,
+    RoundKeys,
     SecAggAbort,
     SecAggServer,
     Stage,
+    StoredState,
     client_masked_input,
     client_setup,
     client_share_keys,
     client_unmask,
+    load_state,
     upload_bytes_per_client,
 )
 from fedge.secagg.client import STATE_FIELD
@@ -47,19 +51,20 @@ class Round:
     vanish: Mapping[Stage, set[int]] = field(default_factory=dict)
     tamper: Tamper | None = None
     transport: Transport = lambda message: message  # every message and saved state
-    states: dict[int, ClientState] = field(default_factory=dict)
+    states: dict[int, StoredState] = field(default_factory=dict)
     replies: dict[Stage, dict[int, Payload]] = field(default_factory=dict)
     # what each client got at each stage: (state before the call, payload)
-    inbox: dict[Stage, dict[int, tuple[ClientState | None, Mapping[str, object]]]] = field(
+    inbox: dict[Stage, dict[int, tuple[StoredState | None, Mapping[str, object]]]] = field(
         default_factory=dict
     )
 
-    def run(self) -> AggregateResult:
+    def run(self, next_round_seed: bytes | None = None) -> AggregateResult:
         server = self.server
         payloads = server.setup_payloads()
         payloads = server.receive_public_keys(self._answer(Stage.SETUP, payloads))
         payloads = server.receive_encrypted_shares(self._answer(Stage.SHARE_KEYS, payloads))
-        payloads = server.receive_masked_inputs(self._answer(Stage.MASKED_INPUT, payloads))
+        replies = self._answer(Stage.MASKED_INPUT, payloads)
+        payloads = server.receive_masked_inputs(replies, next_round_seed)
         return server.receive_unmask_shares(self._answer(Stage.UNMASK, payloads))
 
     def expected_sum(self, included: tuple[int, ...]) -> NDArray[np.float64]:
@@ -94,11 +99,12 @@ class Round:
         return {node: self.transport(reply) for node, reply in replies.items()}
 
     def call_client(
-        self, stage: Stage, node: int, state: ClientState | None, payload: Mapping[str, object]
-    ) -> tuple[ClientState, Payload]:
-        if state is None:
+        self, stage: Stage, node: int, state: StoredState | None, payload: Mapping[str, object]
+    ) -> tuple[StoredState, Payload]:
+        if stage is Stage.SETUP:
             return client_setup(node, payload)
-        state = ClientState.from_dict(self.transport(state.to_dict()))  # as in a fresh process
+        assert state is not None
+        state = load_state(self.transport(state.to_dict()))  # as in a fresh process
         if stage is Stage.SHARE_KEYS:
             return client_share_keys(state, payload)
         if stage is Stage.MASKED_INPUT:
@@ -114,15 +120,28 @@ def make_round(
     max_weight: int = 100,
     clip_range: float = 1.0,
     seed: int = 0,
+    ids: set[int] | None = None,
+    advertised: Advertisements | None = None,
 ) -> Round:
-    """Random 64-bit ids (as Flower uses), updates in range, weights up to max_weight."""
+    """Random 64-bit ids (as Flower uses), updates in range, weights up to max_weight.
+
+    With `advertised` (a previous round's next_round), the round uses those keys.
+    """
     draw = random.Random(seed)
-    ids: set[int] = set()
+    ids = set(ids or ())
     while len(ids) < n:
         ids.add(draw.getrandbits(64))
     rng = np.random.default_rng(seed)
+    advertised = advertised or Advertisements(os.urandom(32), {})
     server = SecAggServer(
-        list(ids), num_shares, threshold, length, clip_range, max_weight, round_seed=os.urandom(32)
+        list(ids),
+        num_shares,
+        threshold,
+        length,
+        clip_range,
+        max_weight,
+        advertised.round_seed,
+        advertised.keys,
     )
     updates = {i: rng.uniform(-clip_range, clip_range, length) for i in ids}
     weights = {i: int(rng.integers(0, max_weight + 1)) for i in ids}
@@ -235,6 +254,74 @@ def test_weights_above_max_weight_are_capped() -> None:
     rnd.check(result, set(rnd.server.params.participants))
 
 
+# --- pipelined key advertisement -------------------------------------------------------
+
+
+@QUICK
+@given(seed=st.integers(0, 2**32), data=st.data())
+def test_next_round_uses_advertised_keys_and_sums_right_under_dropouts(
+    seed: int, data: st.DataObject
+) -> None:
+    """Round 2 skips SETUP for clients that sent keys with their round-1 unmask reply.
+
+    Round 2 has round 1's survivors plus a newcomer (which alone gets SETUP), and
+    its own dropouts, so advertised mask keys are rebuilt from shares too.
+    """
+    first = make_round(n=8, num_shares=8, threshold=5, length=40, seed=seed)
+    ids = list(first.server.params.participants)
+    first.vanish = {Stage.MASKED_INPUT: {ids[0]}}
+    result = first.run(next_round_seed=os.urandom(32))
+    first.check(result, set(ids[1:]))
+    assert result.next_round is not None and set(result.next_round.keys) == set(ids[1:])
+
+    second = make_round(
+        n=8, num_shares=8, threshold=5, length=40, seed=seed + 1,
+        ids=set(ids[1:]), advertised=result.next_round,
+    )  # fmt: skip
+    newcomer = set(second.server.params.participants) - set(ids)
+    second.states = dict(first.states)  # the advertised keys live in the clients' states
+    gone = data.draw(st.lists(st.sampled_from(ids[1:]), unique=True, max_size=3))
+    split = data.draw(st.integers(0, len(gone)))  # some vanish before sharing keys
+    second.vanish = {Stage.SHARE_KEYS: set(gone[:split]), Stage.MASKED_INPUT: set(gone[split:])}
+    second.check(second.run(), set(second.server.params.participants) - set(gone))
+    assert set(second.inbox[Stage.SETUP]) == newcomer
+
+
+def test_bad_advertisement_only_costs_its_sender_the_pipelining() -> None:
+    rnd = make_round(n=5, num_shares=5, threshold=3, length=10)
+    culprit = min(rnd.server.params.participants)
+
+    def spoil(stage: Stage, replies: dict[int, Payload]) -> None:
+        if stage is Stage.UNMASK:
+            replies[culprit]["next_pk_mask"] = bytes(32)  # a low-order key
+
+    rnd.tamper = spoil
+    result = rnd.run(next_round_seed=os.urandom(32))
+    rnd.check(result, set(rnd.server.params.participants))
+    assert result.unmask_faults == {}
+    assert result.next_round is not None
+    assert set(result.next_round.keys) == set(rnd.server.params.participants) - {culprit}
+
+
+def test_unmask_with_next_seed_leaves_only_the_next_rounds_keys() -> None:
+    rnd = make_round(n=4, num_shares=4, threshold=3, length=10)
+    next_seed = os.urandom(32)
+    result = rnd.run(next_round_seed=next_seed)
+    node = rnd.server.params.participants[0]
+    keys = rnd.states[node]
+    assert isinstance(keys, RoundKeys) and keys.round_seed == next_seed
+    assert result.next_round is not None
+    advertised = result.next_round.keys[node]
+    assert keys.advertisement() == {
+        "pk_enc": advertised.pk_enc,
+        "pk_mask": advertised.pk_mask,
+        "seed_commitment": advertised.seed_commitment,
+    }
+    _, request = rnd.inbox[Stage.UNMASK][node]
+    with pytest.raises(ProtocolError, match="expecting secagg_share_keys"):
+        client_unmask(keys, request)  # no second answer for the finished round
+
+
 # --- privacy of the upload ------------------------------------------------------------
 
 CHI2_255_P1E6 = 377.08  # chi-square quantile, 255 dof, p = 1e-6 (scipy.stats.chi2.ppf)
@@ -259,6 +346,7 @@ def test_masked_upload_looks_uniform_and_hides_the_update() -> None:
     # Even knowing every pairwise mask (as when the server wrongly thinks the node
     # dropped), the self mask alone still hides the update; removing it reveals it.
     state = rnd.states[node]
+    assert isinstance(state, ClientState)
     masked, masker = masked.copy(), Masker(masked.size)
     for peer, seed in zip(state.partners, state.mask_seeds, strict=True):
         masker.add_pair(masked, seed, node, peer, remove=True)
@@ -507,19 +595,19 @@ BAD_SERVER_MESSAGES: dict[str, tuple[Stage, Edit, type[Exception], str]] = {
         "addressed",
     ),
     "not a participant": (
-        Stage.SETUP,
+        Stage.SHARE_KEYS,
         _edit("participants", lambda v, n: sorted(p ^ 1 if p == n else p for p in v)),
         ProtocolError,
         "not among",
     ),
     "threshold too low": (
-        Stage.SETUP,
+        Stage.SHARE_KEYS,
         _edit("threshold", lambda v, n: 1),
         ProtocolError,
         "threshold",
     ),
     "overflowing weights": (
-        Stage.SETUP,
+        Stage.SHARE_KEYS,
         _edit("max_weight", lambda v, n: 10**7),
         ProtocolError,
         "max_weight",
@@ -529,6 +617,12 @@ BAD_SERVER_MESSAGES: dict[str, tuple[Stage, Edit, type[Exception], str]] = {
         _edit("round_seed", lambda v, n: b"seed"),
         ProtocolError,
         "round_seed",
+    ),
+    "keys made for another round": (
+        Stage.SHARE_KEYS,
+        _edit("round_seed", lambda v, n: bytes(32)),
+        ProtocolError,
+        "round seed differs",
     ),
     "stranger neighbour": (
         Stage.SHARE_KEYS,
@@ -624,7 +718,7 @@ def test_client_never_reveals_both_share_kinds_for_one_peer(data: st.DataObject)
     rnd = _recorded_round()
     node = rnd.server.params.participants[0]
     state, _ = rnd.inbox[Stage.UNMASK][node]
-    assert state is not None
+    assert isinstance(state, ClientState)
     held = list(state.held)
     survivors = data.draw(st.lists(st.sampled_from(held), unique=True))
     dropped = data.draw(st.lists(st.sampled_from(held), unique=True))
@@ -645,7 +739,7 @@ def test_client_never_reveals_both_share_kinds_for_one_peer(data: st.DataObject)
         client_unmask(new_state, {**request, "survivors": [], "dropped": survivors})
 
 
-def _recorded_states() -> list[ClientState]:
+def _recorded_states() -> list[StoredState]:
     """Every state a client of the recorded round saved, from setup to done."""
     rnd = _recorded_round()
     kept = [state for inbox in rnd.inbox.values() for state, _ in inbox.values() if state]
@@ -656,15 +750,18 @@ def test_stored_state_round_trips_as_one_bytes_entry() -> None:
     for state in _recorded_states():
         stored = state.to_dict()
         assert list(stored) == [STATE_FIELD] and isinstance(stored[STATE_FIELD], bytes)
-        assert ClientState.from_dict(stored) == state
+        assert load_state(stored) == state
 
 
-def _stored(state: ClientState) -> bytes:
+def _stored(state: StoredState) -> bytes:
     return cast(bytes, state.to_dict()[STATE_FIELD])
 
 
 def test_corrupt_stored_state_is_rejected() -> None:
     state = _recorded_states()[-1]
+    assert isinstance(state, ClientState)
+    keys = _recorded_states()[0]
+    assert isinstance(keys, RoundKeys)
     blob, node = _stored(state), state.node_id
     bad_params = replace(state.params)
     object.__setattr__(bad_params, "threshold", 1)  # below num_shares / 2: never accepted
@@ -678,13 +775,16 @@ def test_corrupt_stored_state_is_rejected() -> None:
         "stranger node": _stored(replace(state, node_id=node ^ 1)),
         "duplicate holders": _stored(replace(state, held=(node, node, *state.held[2:]))),
         "bad params": _stored(replace(state, params=bad_params)),
+        "keys truncated": _stored(keys)[:-1],
+        "keys trailing": _stored(keys) + b"\0",
+        "keys other version": _stored(keys).replace(b"keys/1", b"keys/2", 1),
     }
     for name, value in corrupt.items():
         with pytest.raises(ProtocolError):
-            ClientState.from_dict({STATE_FIELD: value})
+            load_state({STATE_FIELD: value})
             pytest.fail(name)
     with pytest.raises(ProtocolError, match="missing"):
-        ClientState.from_dict({})
+        load_state({})
 
 
 @settings(max_examples=200, deadline=None)
@@ -695,14 +795,14 @@ def test_damaged_stored_state_is_refused_or_well_formed(data: st.DataObject) -> 
     blob = _stored(data.draw(st.sampled_from(states)))
     cut = data.draw(st.integers(0, len(blob) - 1))
     with pytest.raises(ProtocolError):
-        ClientState.from_dict({STATE_FIELD: blob[:cut]})
+        load_state({STATE_FIELD: blob[:cut]})
     flipped = bytearray(blob)
     flipped[cut] ^= data.draw(st.integers(1, 255))
     try:
-        state = ClientState.from_dict({STATE_FIELD: bytes(flipped)})
+        state = load_state({STATE_FIELD: bytes(flipped)})
     except ProtocolError:
         return
-    assert ClientState.from_dict(state.to_dict()) == state
+    assert load_state(state.to_dict()) == state
 
 
 def _through_flower(message: Mapping[str, object]) -> Mapping[str, object]:

@@ -324,6 +324,30 @@ def test_dropout_before_key_sharing_trains_only_the_rest() -> None:
     assert strategy.report.num_replies == len(NODES) - 1
 
 
+@pytest.mark.usefixtures("serverapp_identity")
+def test_later_rounds_send_setup_only_to_nodes_without_advertised_keys() -> None:
+    """Keys for the next round ride on the unmask replies, so SETUP is skipped for them.
+
+    A node that missed round 1's unmask exchange (its upload still counts) sent no
+    keys: in round 2 it alone gets SETUP; round 3 has no SETUP at all.
+    """
+    grid = SecAggGrid(NODES)
+    late = NODES[0]
+    grid.kill_at[late] = f"train.{Stage.UNMASK.value}"
+    strategy = secure_strategy(num_shares=5)
+    arrays, _ = train_round(strategy, grid)
+    assert_within_quantization(arrays, list(NODES), len(NODES))
+    grid.dead.clear()
+    grid.kill_at.clear()
+    setup = f"train.{Stage.SETUP.value}"
+    for expected_setups in (1, 0):
+        grid.sent.clear()
+        arrays, _ = train_round(strategy, grid)
+        assert_within_quantization(arrays, list(NODES), len(NODES))
+        assert grid.sent.count(setup) == expected_setups
+        assert len(grid.sent) == expected_setups + 3 * len(NODES)
+
+
 # --- Ray: the full ServerApp and ClientApp on digits -------------------------------------
 
 SIM_NODES = 10

@@ -20,11 +20,12 @@ from fedge.records import (
     records_to_payload,
 )
 from fedge.secagg import (
-    ClientState,
+    StoredState,
     client_masked_input,
     client_setup,
     client_share_keys,
     client_unmask,
+    load_state,
 )
 from fedge.secagg.messages import Payload
 
@@ -33,14 +34,14 @@ STATE_KEY = "secagg-state"
 LocalUpdate = Callable[[], tuple[NamedArrays | None, MetricRecord]]
 
 
-def _stored_state(context: Context) -> ClientState:
+def _stored_state(context: Context) -> StoredState:
     stored = context.state.config_records.get(STATE_KEY)
     if stored is None:
         raise RuntimeError("SecAgg message arrived before this node's setup stage")
-    return ClientState.from_dict(dict(stored))
+    return load_state(dict(stored))
 
 
-def _reply(msg: Message, context: Context, state: ClientState, payload: Payload) -> Message:
+def _reply(msg: Message, context: Context, state: StoredState, payload: Payload) -> Message:
     context.state[STATE_KEY] = ConfigRecord(state.to_dict())
     return Message(content=RecordDict(payload_to_records(payload)), reply_to=msg)
 

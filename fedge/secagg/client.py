@@ -25,10 +25,13 @@ from fedge.secagg.crypto import (
     Masker,
     decrypt_share,
     encrypt_share,
+    public_key,
     seed_commitment,
 )
 from fedge.secagg.errors import ProtocolError, SecAggAbort
 from fedge.secagg.messages import (
+    NEXT_PREFIX,
+    NEXT_ROUND_SEED,
     STAGE_KEY,
     STAGES,
     Payload,
@@ -40,7 +43,7 @@ from fedge.secagg.messages import (
     read_ids,
     read_int,
 )
-from fedge.secagg.params import SecAggParams
+from fedge.secagg.params import MIN_ROUND_SEED_BYTES, SecAggParams
 from fedge.secagg.shamir import SHARE_BYTES, share_is_valid, split
 
 _DONE = len(STAGES)
@@ -49,8 +52,63 @@ STATE_FIELD = "state"
 # fields; each id list carries a 32-bit count, and the byte strings aligned
 # with it follow as one block.
 _STATE_TAG = b"fedge-secagg-state/1"
+_KEYS_TAG = b"fedge-secagg-keys/1"
 _STATE_HEAD = struct.Struct(">QBQQQdQ")  # node_id, next_stage, then the numeric params
+_NODE = struct.Struct(">Q")
 _COUNT = struct.Struct(">I")
+
+
+@dataclass(frozen=True)
+class RoundKeys:
+    """A client's fresh secrets for one round, committed to before the round starts.
+
+    They are made at SETUP, or at the previous round's UNMASK when the server
+    pipelines key advertisement (saving the SETUP exchange). Only the round
+    seed is known then; the participants arrive with SHARE_KEYS.
+    """
+
+    node_id: int
+    round_seed: bytes
+    enc_private: bytes  # X25519 key for share encryption
+    mask_private: bytes  # X25519 key for pairwise masks (secret-shared)
+    seed: bytes  # self-mask seed b (secret-shared)
+
+    @classmethod
+    def fresh(cls, node_id: int, round_seed: bytes) -> RoundKeys:
+        if len(round_seed) < MIN_ROUND_SEED_BYTES:
+            raise ProtocolError(f"round_seed must have at least {MIN_ROUND_SEED_BYTES} bytes")
+        return cls(node_id, round_seed, KeyPair().private, KeyPair().private, os.urandom(KEY_BYTES))
+
+    def advertisement(self, prefix: str = "") -> Payload:
+        """The public keys and the seed commitment, under `prefix`-ed field names."""
+        return {
+            f"{prefix}pk_enc": public_key(self.enc_private),
+            f"{prefix}pk_mask": public_key(self.mask_private),
+            f"{prefix}seed_commitment": seed_commitment(self.seed, self.node_id, self.round_seed),
+        }
+
+    def to_dict(self) -> StateDict:
+        """The keys as one bytes entry, like `ClientState.to_dict`."""
+        blob = b"".join(
+            [
+                _KEYS_TAG,
+                _NODE.pack(self.node_id),
+                _COUNT.pack(len(self.round_seed)),
+                self.round_seed,
+                self.enc_private,
+                self.mask_private,
+                self.seed,
+            ]
+        )
+        return {STATE_FIELD: blob}
+
+    @classmethod
+    def _read(cls, reader: _Reader) -> RoundKeys:
+        (node_id,) = reader.unpack(_NODE)
+        round_seed = reader.take(reader.count())
+        keys = cls(node_id, round_seed, *reader.blocks(3, KEY_BYTES))
+        reader.finish()
+        return keys
 
 
 @dataclass(frozen=True)
@@ -107,11 +165,7 @@ class ClientState:
         return {STATE_FIELD: blob}
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, object]) -> ClientState:
-        """Inverse of `to_dict`; ProtocolError if the stored state is corrupt."""
-        reader = _Reader(read_bytes(raw, STATE_FIELD))
-        if reader.take(len(_STATE_TAG)) != _STATE_TAG:
-            raise ProtocolError("stored state has an unknown format or version")
+    def _read(cls, reader: _Reader) -> ClientState:
         head = reader.unpack(_STATE_HEAD)
         node_id, next_stage, numeric_params = head[0], head[1], head[2:]
         round_seed = reader.take(reader.count())
@@ -145,6 +199,19 @@ class ClientState:
         )
 
 
+StoredState = RoundKeys | ClientState
+
+
+def load_state(raw: Mapping[str, object]) -> StoredState:
+    """Inverse of either `to_dict`; ProtocolError if the stored state is corrupt."""
+    reader = _Reader(read_bytes(raw, STATE_FIELD))
+    for tag, kind in ((_STATE_TAG, ClientState), (_KEYS_TAG, RoundKeys)):
+        if reader.peek(len(tag)) == tag:
+            reader.take(len(tag))
+            return kind._read(reader)
+    raise ProtocolError("stored state has an unknown format or version")
+
+
 class _Reader:
     """Strict cursor over a stored state: truncated or trailing data is a ProtocolError."""
 
@@ -159,6 +226,9 @@ class _Reader:
         chunk = self._blob[self._offset : end]
         self._offset = end
         return chunk
+
+    def peek(self, size: int) -> bytes:
+        return self._blob[self._offset : self._offset + size]
 
     def unpack(self, layout: struct.Struct) -> tuple[Any, ...]:
         return layout.unpack(self.take(layout.size))
@@ -187,45 +257,38 @@ def _pack_ids(ids: tuple[int, ...]) -> bytes:
     return _COUNT.pack(len(ids)) + struct.pack(f">{len(ids)}Q", *ids)
 
 
-def client_setup(node_id: int, payload: Mapping[str, object]) -> tuple[ClientState, Payload]:
-    """Validate the round parameters, create fresh keys and the self-mask seed.
+def client_setup(node_id: int, payload: Mapping[str, object]) -> tuple[RoundKeys, Payload]:
+    """Create fresh keys and a self-mask seed for the round seed in `payload`.
 
-    Reply: pk_enc, pk_mask (32 bytes each), seed_commitment (32 bytes).
+    Payload: node_id, round_seed. Reply: pk_enc, pk_mask (32 bytes each),
+    seed_commitment (32 bytes).
     """
     expect_stage(payload, Stage.SETUP)
     if read_int(payload, "node_id") != node_id:
         raise ProtocolError(f"setup message addressed to another node, not {node_id}")
-    params = SecAggParams.from_payload(payload)
-    if node_id not in params.participants:
-        raise ProtocolError(f"node {node_id} is not among the participants")
-    enc, mask = KeyPair(), KeyPair()
-    state = ClientState(
-        node_id=node_id,
-        params=params,
-        next_stage=STAGES.index(Stage.SHARE_KEYS),
-        enc_private=enc.private,
-        mask_private=mask.private,
-        seed=os.urandom(KEY_BYTES),
-    )
-    reply: Payload = {
-        STAGE_KEY: Stage.SETUP.value,
-        "pk_enc": enc.public,
-        "pk_mask": mask.public,
-        "seed_commitment": seed_commitment(state.seed, node_id, params.round_seed),
-    }
-    return state, reply
+    keys = RoundKeys.fresh(node_id, read_bytes(payload, "round_seed"))
+    return keys, {STAGE_KEY: Stage.SETUP.value, **keys.advertisement()}
 
 
 def client_share_keys(
-    state: ClientState, payload: Mapping[str, object]
+    stored: StoredState, payload: Mapping[str, object]
 ) -> tuple[ClientState, Payload]:
-    """Secret-share the self-mask seed and mask key among the live neighbours.
+    """Validate the round parameters; secret-share the seed and mask key among neighbours.
 
-    Payload: neighbours (ids, self included), pk_enc and pk_mask (aligned).
-    Reply: receivers (ids) and ciphertexts (aligned), one per neighbour but self.
+    Payload: the round parameters (see SecAggParams.to_payload), neighbours (ids,
+    self included), pk_enc and pk_mask (aligned). Reply: receivers (ids) and
+    ciphertexts (aligned), one per neighbour but self.
     """
-    _expect(state, payload, Stage.SHARE_KEYS)
-    me, params = state.node_id, state.params
+    keys = _expect(stored, payload, Stage.SHARE_KEYS)
+    assert isinstance(keys, RoundKeys)
+    me, params = keys.node_id, SecAggParams.from_payload(payload)
+    if params.round_seed != keys.round_seed:
+        raise ProtocolError("the round seed differs from the one this node's keys commit to")
+    if me not in params.participants:
+        raise ProtocolError(f"node {me} is not among the participants")
+    state = ClientState(
+        me, params, STAGES.index(Stage.SHARE_KEYS), keys.enc_private, keys.mask_private, keys.seed
+    )
     peers = read_ids(payload, "neighbours")
     enc_keys = read_bytes_list(payload, "pk_enc", len(peers), KEY_BYTES)
     mask_keys = read_bytes_list(payload, "pk_mask", len(peers), KEY_BYTES)
@@ -270,7 +333,7 @@ def client_share_keys(
 
 
 def client_masked_input(
-    state: ClientState,
+    stored: StoredState,
     payload: Mapping[str, object],
     update: NDArray[np.floating],
     weight: int,
@@ -283,7 +346,8 @@ def client_masked_input(
     drops them, so no mask is shared with them) and masked (uint32 array of
     vector_length + 1 entries).
     """
-    _expect(state, payload, Stage.MASKED_INPUT)
+    state = _expect(stored, payload, Stage.MASKED_INPUT)
+    assert isinstance(state, ClientState)
     me, params = state.node_id, state.params
     if update.shape != (params.vector_length,):
         raise ValueError(f"update must have shape ({params.vector_length},), got {update.shape}")
@@ -319,14 +383,20 @@ def client_masked_input(
     return state, reply
 
 
-def client_unmask(state: ClientState, payload: Mapping[str, object]) -> tuple[ClientState, Payload]:
+def client_unmask(
+    stored: StoredState, payload: Mapping[str, object]
+) -> tuple[StoredState, Payload]:
     """Reveal seed shares of survivors or key shares of dropped nodes, never both.
 
     Payload: survivors and dropped (ids, disjoint, among the nodes whose shares
-    this client holds). Reply: seed_shares and key_shares, aligned with them.
-    Answers once per round: the returned state refuses any further request.
+    this client holds), optionally next_round_seed. Reply: seed_shares and
+    key_shares, aligned with the request; with next_round_seed, also fresh keys
+    for that round (next_pk_enc, next_pk_mask, next_seed_commitment), which
+    the returned state holds. Answers once per round: the returned state
+    refuses any further request of this round.
     """
-    _expect(state, payload, Stage.UNMASK)
+    state = _expect(stored, payload, Stage.UNMASK)
+    assert isinstance(state, ClientState)
     me = state.node_id
     survivors = read_ids(payload, "survivors")
     dropped = read_ids(payload, "dropped")
@@ -344,7 +414,10 @@ def client_unmask(state: ClientState, payload: Mapping[str, object]) -> tuple[Cl
         "seed_shares": [state.held_seed_shares[index[node]] for node in survivors],
         "key_shares": [state.held_key_shares[index[node]] for node in dropped],
     }
-    return replace(state, next_stage=_DONE), reply
+    if NEXT_ROUND_SEED not in payload:
+        return replace(state, next_stage=_DONE), reply
+    keys = RoundKeys.fresh(me, read_bytes(payload, NEXT_ROUND_SEED))
+    return keys, {**reply, **keys.advertisement(NEXT_PREFIX)}
 
 
 def _open_shares(
@@ -363,8 +436,11 @@ def _open_shares(
     return None
 
 
-def _expect(state: ClientState, payload: Mapping[str, object], stage: Stage) -> None:
-    if state.next_stage != STAGES.index(stage):
-        expected = "nothing" if state.next_stage == _DONE else STAGES[state.next_stage].value
+def _expect(stored: StoredState, payload: Mapping[str, object], stage: Stage) -> StoredState:
+    """`stored` if it awaits a `stage` message and `payload` is one, else ProtocolError."""
+    awaited = STAGES.index(Stage.SHARE_KEYS) if isinstance(stored, RoundKeys) else stored.next_stage
+    if awaited != STAGES.index(stage):
+        expected = "nothing" if awaited == _DONE else STAGES[awaited].value
         raise ProtocolError(f"got a {stage.value} message while expecting {expected}")
     expect_stage(payload, stage)
+    return stored

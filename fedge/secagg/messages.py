@@ -31,6 +31,11 @@ class Stage(StrEnum):
 
 STAGES = tuple(Stage)
 STAGE_KEY = "stage"
+# An UNMASK request may carry the next round's seed; the reply then also holds
+# the client's keys for that round, under the SETUP reply's field names with
+# this prefix (key advertisement pipelined into the previous round).
+NEXT_ROUND_SEED = "next_round_seed"
+NEXT_PREFIX = "next_"
 MAX_NODE_ID = 2**64 - 1
 # One ciphertext carries the receiver's share of the sender's self-mask seed
 # followed by its share of the sender's mask private key.

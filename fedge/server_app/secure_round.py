@@ -2,8 +2,11 @@
 
 Setup and key sharing are extra `grid.send_and_receive` exchanges before the
 training messages go out; the masked upload rides on the training messages
-themselves, and the unmasking exchange follows once they are back. The
-protocol logic lives in `fedge.secagg`; this module only moves its payloads.
+themselves, and the unmasking exchange follows once they are back. The unmask
+requests also collect every client's keys for the next round, so from the
+second round on the setup exchange goes only to clients without them (usually
+none). The protocol logic lives in `fedge.secagg`; this module only moves its
+payloads.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from flwr.serverapp import Grid
 
 from fedge.config import FedgeConfig
 from fedge.records import payload_to_records, records_to_payload
-from fedge.secagg import AggregateResult, SecAggServer, Stage
+from fedge.secagg import Advertisements, AggregateResult, SecAggServer, Stage
 from fedge.secagg.messages import Payload
 from fedge.server_app.polling import destinations, replying_node
 from fedge.server_app.privacy import ServerPrivacy
@@ -29,12 +32,16 @@ from fedge.server_app.privacy import ServerPrivacy
 class SecureRound:
     """One round's server-side protocol state: `open` before training, `close` after."""
 
-    def __init__(self, grid: Grid, timeout: float) -> None:
+    def __init__(self, grid: Grid, timeout: float, advertised: Advertisements | None) -> None:
+        """`advertised`: the previous round's `AggregateResult.next_round`, if any."""
         self.grid = grid
         self.timeout = timeout
+        self.advertised = advertised
         self.server: SecAggServer | None = None
 
     def _exchange(self, stage: Stage, payloads: dict[int, Payload]) -> dict[int, Payload]:
+        if not payloads:
+            return {}
         messages = [
             Message(
                 content=RecordDict(payload_to_records(payload)),
@@ -72,10 +79,20 @@ class SecureRound:
         Raises `SecAggAbort` when fewer than `threshold` clients remain.
         """
         nodes = [message.metadata.dst_node_id for message in train_messages]
+        advertised = self.advertised or Advertisements(os.urandom(32), {})
         self.server = SecAggServer(
-            nodes, num_shares, threshold, vector_length, clip_range, max_weight, os.urandom(32)
+            nodes,
+            num_shares,
+            threshold,
+            vector_length,
+            clip_range,
+            max_weight,
+            advertised.round_seed,
+            advertised.keys,
         )
-        keys = self._exchange(Stage.SETUP, self.server.setup_payloads())
+        setup = self.server.setup_payloads()
+        log(INFO, "SecAgg: %s of %s clients advertised keys", len(nodes) - len(setup), len(nodes))
+        keys = self._exchange(Stage.SETUP, setup)
         shares = self._exchange(Stage.SHARE_KEYS, self.server.receive_public_keys(keys))
         uploads = self.server.receive_encrypted_shares(shares)
         log(INFO, "SecAgg: %s of %s clients shared keys", len(uploads), len(nodes))
@@ -107,7 +124,7 @@ class SecureRound:
         """
         if self.server is None:
             raise RuntimeError("SecureRound.close() called before open()")
-        unmask = self.server.receive_masked_inputs(self.payloads_of(replies, sent))
+        unmask = self.server.receive_masked_inputs(self.payloads_of(replies, sent), os.urandom(32))
         result = self.server.receive_unmask_shares(self._exchange(Stage.UNMASK, unmask))
         for node, reason in result.dropped.items():
             log(WARNING, "SecAgg: node %s left out: %s", node, reason)

@@ -28,7 +28,7 @@ from fedge.client_app.protocol import (
 )
 from fedge.edge.broadcast import BACKBONE_KEY
 from fedge.records import NamedArrays, from_array_record, to_array_record, unflatten
-from fedge.secagg import SecAggAbort
+from fedge.secagg import Advertisements, SecAggAbort
 from fedge.server_app.aggregation import apply_update, summed, weighted_mean
 from fedge.server_app.polling import destinations, replying_node
 from fedge.server_app.privacy import ServerPrivacy
@@ -94,6 +94,7 @@ class FedgeAvg(FedAvg):
         self.edge_backbone = edge_backbone
         self.secagg = secagg
         self.secure_round: SecureRound | None = None
+        self.advertised: Advertisements | None = None  # clients' keys for the next round
         self.train_messages: list[Message] = []
         self.velocity: NamedArrays | None = None
         self.current_arrays: NamedArrays = {}
@@ -148,7 +149,8 @@ class FedgeAvg(FedAvg):
         assert self.secagg is not None
         num_shares, threshold = self.secagg.shape(len(messages))
         clip_range, max_weight = self.secagg.encoding(self.privacy)
-        secure_round = SecureRound(grid, self.secagg.timeout)
+        secure_round = SecureRound(grid, self.secagg.timeout, self.advertised)
+        self.advertised = None  # used up, whether the round completes or not
         try:
             messages = secure_round.open(
                 messages,
@@ -247,6 +249,7 @@ class FedgeAvg(FedAvg):
         except SecAggAbort as abort:
             log(WARNING, "SecAgg round aborted: %s; the global model stays unchanged", abort)
             return None
+        self.advertised = result.next_round
         self.report.num_replies = result.num_clients
         self.report.num_rejected = len(result.dropped)
         self.report.rejected = dict(result.dropped)
