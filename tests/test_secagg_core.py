@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from numpy.typing import NDArray
 
 from fedge.secagg import (
-    Advertisements,
     AggregateResult,
     ClientState,
     Payload,
@@ -58,13 +57,12 @@ class Round:
         default_factory=dict
     )
 
-    def run(self, next_round_seed: bytes | None = None) -> AggregateResult:
+    def run(self) -> AggregateResult:
         server = self.server
         payloads = server.setup_payloads()
         payloads = server.receive_public_keys(self._answer(Stage.SETUP, payloads))
         payloads = server.receive_encrypted_shares(self._answer(Stage.SHARE_KEYS, payloads))
-        replies = self._answer(Stage.MASKED_INPUT, payloads)
-        payloads = server.receive_masked_inputs(replies, next_round_seed)
+        payloads = server.receive_masked_inputs(self._answer(Stage.MASKED_INPUT, payloads))
         return server.receive_unmask_shares(self._answer(Stage.UNMASK, payloads))
 
     def expected_sum(self, included: tuple[int, ...]) -> NDArray[np.float64]:
@@ -120,28 +118,15 @@ def make_round(
     max_weight: int = 100,
     clip_range: float = 1.0,
     seed: int = 0,
-    ids: set[int] | None = None,
-    advertised: Advertisements | None = None,
 ) -> Round:
-    """Random 64-bit ids (as Flower uses), updates in range, weights up to max_weight.
-
-    With `advertised` (a previous round's next_round), the round uses those keys.
-    """
+    """Random 64-bit ids (as Flower uses), updates in range, weights up to max_weight."""
     draw = random.Random(seed)
-    ids = set(ids or ())
+    ids: set[int] = set()
     while len(ids) < n:
         ids.add(draw.getrandbits(64))
     rng = np.random.default_rng(seed)
-    advertised = advertised or Advertisements(os.urandom(32), {})
     server = SecAggServer(
-        list(ids),
-        num_shares,
-        threshold,
-        length,
-        clip_range,
-        max_weight,
-        advertised.round_seed,
-        advertised.keys,
+        list(ids), num_shares, threshold, length, clip_range, max_weight, round_seed=os.urandom(32)
     )
     updates = {i: rng.uniform(-clip_range, clip_range, length) for i in ids}
     weights = {i: int(rng.integers(0, max_weight + 1)) for i in ids}
@@ -252,74 +237,6 @@ def test_weights_above_max_weight_are_capped() -> None:
     result = rnd.run()
     assert result.total_weight == 40
     rnd.check(result, set(rnd.server.params.participants))
-
-
-# --- pipelined key advertisement -------------------------------------------------------
-
-
-@QUICK
-@given(seed=st.integers(0, 2**32), data=st.data())
-def test_next_round_uses_advertised_keys_and_sums_right_under_dropouts(
-    seed: int, data: st.DataObject
-) -> None:
-    """Round 2 skips SETUP for clients that sent keys with their round-1 unmask reply.
-
-    Round 2 has round 1's survivors plus a newcomer (which alone gets SETUP), and
-    its own dropouts, so advertised mask keys are rebuilt from shares too.
-    """
-    first = make_round(n=8, num_shares=8, threshold=5, length=40, seed=seed)
-    ids = list(first.server.params.participants)
-    first.vanish = {Stage.MASKED_INPUT: {ids[0]}}
-    result = first.run(next_round_seed=os.urandom(32))
-    first.check(result, set(ids[1:]))
-    assert result.next_round is not None and set(result.next_round.keys) == set(ids[1:])
-
-    second = make_round(
-        n=8, num_shares=8, threshold=5, length=40, seed=seed + 1,
-        ids=set(ids[1:]), advertised=result.next_round,
-    )  # fmt: skip
-    newcomer = set(second.server.params.participants) - set(ids)
-    second.states = dict(first.states)  # the advertised keys live in the clients' states
-    gone = data.draw(st.lists(st.sampled_from(ids[1:]), unique=True, max_size=3))
-    split = data.draw(st.integers(0, len(gone)))  # some vanish before sharing keys
-    second.vanish = {Stage.SHARE_KEYS: set(gone[:split]), Stage.MASKED_INPUT: set(gone[split:])}
-    second.check(second.run(), set(second.server.params.participants) - set(gone))
-    assert set(second.inbox[Stage.SETUP]) == newcomer
-
-
-def test_bad_advertisement_only_costs_its_sender_the_pipelining() -> None:
-    rnd = make_round(n=5, num_shares=5, threshold=3, length=10)
-    culprit = min(rnd.server.params.participants)
-
-    def spoil(stage: Stage, replies: dict[int, Payload]) -> None:
-        if stage is Stage.UNMASK:
-            replies[culprit]["next_pk_mask"] = bytes(32)  # a low-order key
-
-    rnd.tamper = spoil
-    result = rnd.run(next_round_seed=os.urandom(32))
-    rnd.check(result, set(rnd.server.params.participants))
-    assert result.unmask_faults == {}
-    assert result.next_round is not None
-    assert set(result.next_round.keys) == set(rnd.server.params.participants) - {culprit}
-
-
-def test_unmask_with_next_seed_leaves_only_the_next_rounds_keys() -> None:
-    rnd = make_round(n=4, num_shares=4, threshold=3, length=10)
-    next_seed = os.urandom(32)
-    result = rnd.run(next_round_seed=next_seed)
-    node = rnd.server.params.participants[0]
-    keys = rnd.states[node]
-    assert isinstance(keys, RoundKeys) and keys.round_seed == next_seed
-    assert result.next_round is not None
-    advertised = result.next_round.keys[node]
-    assert keys.advertisement() == {
-        "pk_enc": advertised.pk_enc,
-        "pk_mask": advertised.pk_mask,
-        "seed_commitment": advertised.seed_commitment,
-    }
-    _, request = rnd.inbox[Stage.UNMASK][node]
-    with pytest.raises(ProtocolError, match="expecting secagg_share_keys"):
-        client_unmask(keys, request)  # no second answer for the finished round
 
 
 # --- privacy of the upload ------------------------------------------------------------

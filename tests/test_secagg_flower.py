@@ -325,27 +325,25 @@ def test_dropout_before_key_sharing_trains_only_the_rest() -> None:
 
 
 @pytest.mark.usefixtures("serverapp_identity")
-def test_later_rounds_send_setup_only_to_nodes_without_advertised_keys() -> None:
-    """Keys for the next round ride on the unmask replies, so SETUP is skipped for them.
+def test_keys_are_shared_a_round_ahead_when_the_clients_stay_the_same() -> None:
+    """Round r+1's setup rides on round r's training messages and its key sharing on
+    round r's unmask requests, so such a round takes two exchanges.
 
-    A node that missed round 1's unmask exchange (its upload still counts) sent no
-    keys: in round 2 it alone gets SETUP; round 3 has no SETUP at all.
+    A node that misses round 1's unmask exchange (its upload still counts) misses
+    round 2's key sharing: round 2 then shares keys itself, with it; round 3 is
+    back to two exchanges. Every round's sum is checked.
     """
     grid = SecAggGrid(NODES)
-    late = NODES[0]
-    grid.kill_at[late] = f"train.{Stage.UNMASK.value}"
+    grid.kill_at[NODES[0]] = f"train.{Stage.UNMASK.value}"
     strategy = secure_strategy(num_shares=5)
-    arrays, _ = train_round(strategy, grid)
-    assert_within_quantization(arrays, list(NODES), len(NODES))
-    grid.dead.clear()
-    grid.kill_at.clear()
-    setup = f"train.{Stage.SETUP.value}"
-    for expected_setups in (1, 0):
+    pipelined = [f"train.{Stage.MASKED_INPUT.value}", f"train.{Stage.UNMASK.value}"]
+    for stages in (STAGES, STAGES, pipelined):
         grid.sent.clear()
         arrays, _ = train_round(strategy, grid)
         assert_within_quantization(arrays, list(NODES), len(NODES))
-        assert grid.sent.count(setup) == expected_setups
-        assert len(grid.sent) == expected_setups + 3 * len(NODES)
+        assert grid.sent == [kind for kind in stages for _ in NODES]
+        grid.dead.clear()
+        grid.kill_at.clear()
 
 
 # --- Ray: the full ServerApp and ClientApp on digits -------------------------------------

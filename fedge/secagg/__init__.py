@@ -20,30 +20,33 @@ SHARE_KEYS    participants (ids), num_shares,         receivers (ids), ciphertex
               pk_enc, pk_mask (lists, aligned)
 MASKED_INPUT  senders (ids), ciphertexts (aligned)    rejected (ids), masked (uint32
                                                       array of vector_length + 1)
-UNMASK        survivors, dropped (ids, disjoint),     seed_shares, key_shares (lists of
-              optional next_round_seed (bytes)        bytes, aligned with the request);
-                                                      with next_round_seed: next_pk_enc,
-                                                      next_pk_mask, next_seed_commitment
+UNMASK        survivors, dropped (ids, disjoint)      seed_shares, key_shares (lists of
+                                                      bytes, aligned with the request)
 ============  ======================================  ===================================
 
-Key advertisement is pipelined: a client's keys for round r+1 ride on its round-r
-UNMASK reply, so round r+1 sends SETUP only to participants without them (none,
-when the same clients take part) and costs one exchange less. The keys are still
-fresh per round and committed to before the round's participants are fixed;
-the participants and the other round parameters arrive with SHARE_KEYS.
+SETUP carries only the round seed, so it can be sent before the round's
+participants are final: fedge.server_app.secure_round sends round r+1's SETUP
+inside round r's training message and its SHARE_KEYS inside round r's UNMASK
+(see `nest`), so that a round with the same clients as the last one takes only
+two exchanges. The keys are still fresh for every round.
 
 All values are ConfigRecord types (int, float, str, bytes, lists of ints or of
 bytes) except "masked", a numpy uint32 array for an ArrayRecord. Clients absent
 from a stage's replies count as dropped; a malformed reply drops its sender.
 
-Guarantees: a client's update stays hidden unless the server colludes with at
-least `threshold` of that client's neighbours (even if the server lies about
-who dropped, since each client reveals one share kind per peer); the sum never
-overflows (see quantize); a malformed or unauthentic message only drops its
-sender; a false unmask share is detected (seed commitment, public mask key) and
-aborts the round rather than yield a wrong sum. Not covered: a malicious client
-can still bias the sum with well-formed but false data (input or keys), and a
-false share is not attributed to its sender.
+Guarantees, against a server that follows the protocol (honest-but-curious)
+plus fewer than `threshold` of a client's neighbours colluding with it: the
+client's update stays hidden; the sum never overflows (see quantize); a
+malformed or unauthentic message only drops its sender; a false unmask share
+is detected (seed commitment, public mask key) and aborts the round rather
+than yield a wrong sum. A server that lies about who dropped gets only one
+share kind per peer from each client, so it cannot rebuild both secrets of
+one client. It is not fully covered, though: there is no consistency round
+(Bonawitz et al. sign the survivor set, which needs a PKI), so a server that
+reports all of a client's neighbours as dropped to their share holders can
+rebuild their mask keys, hence that client's pairwise masks. Also not
+covered: a malicious client can still bias the sum with well-formed but false
+data (input or keys), and a false share is not attributed to its sender.
 See params for the neighbour graph and the threshold rule.
 """
 
@@ -61,15 +64,13 @@ from fedge.secagg.errors import ProtocolError, SecAggAbort
 from fedge.secagg.messages import Payload, Stage, StateDict, upload_bytes_per_client
 from fedge.secagg.params import SecAggParams
 from fedge.secagg.quantize import Quantizer, quantization_error_bound
-from fedge.secagg.server import Advertisements, AggregateResult, PublicKeys, SecAggServer
+from fedge.secagg.server import AggregateResult, SecAggServer
 
 __all__ = [
-    "Advertisements",
     "AggregateResult",
     "ClientState",
     "Payload",
     "ProtocolError",
-    "PublicKeys",
     "Quantizer",
     "RoundKeys",
     "SecAggAbort",

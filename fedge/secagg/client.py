@@ -30,8 +30,6 @@ from fedge.secagg.crypto import (
 )
 from fedge.secagg.errors import ProtocolError, SecAggAbort
 from fedge.secagg.messages import (
-    NEXT_PREFIX,
-    NEXT_ROUND_SEED,
     STAGE_KEY,
     STAGES,
     Payload,
@@ -62,9 +60,8 @@ _COUNT = struct.Struct(">I")
 class RoundKeys:
     """A client's fresh secrets for one round, committed to before the round starts.
 
-    They are made at SETUP, or at the previous round's UNMASK when the server
-    pipelines key advertisement (saving the SETUP exchange). Only the round
-    seed is known then; the participants arrive with SHARE_KEYS.
+    Only the round seed is known at SETUP (which may travel a round ahead, see
+    fedge.server_app.secure_round); the participants arrive with SHARE_KEYS.
     """
 
     node_id: int
@@ -79,12 +76,13 @@ class RoundKeys:
             raise ProtocolError(f"round_seed must have at least {MIN_ROUND_SEED_BYTES} bytes")
         return cls(node_id, round_seed, KeyPair().private, KeyPair().private, os.urandom(KEY_BYTES))
 
-    def advertisement(self, prefix: str = "") -> Payload:
-        """The public keys and the seed commitment, under `prefix`-ed field names."""
+    def advertisement(self) -> Payload:
+        """The public keys and the seed commitment: the SETUP reply."""
         return {
-            f"{prefix}pk_enc": public_key(self.enc_private),
-            f"{prefix}pk_mask": public_key(self.mask_private),
-            f"{prefix}seed_commitment": seed_commitment(self.seed, self.node_id, self.round_seed),
+            STAGE_KEY: Stage.SETUP.value,
+            "pk_enc": public_key(self.enc_private),
+            "pk_mask": public_key(self.mask_private),
+            "seed_commitment": seed_commitment(self.seed, self.node_id, self.round_seed),
         }
 
     def to_dict(self) -> StateDict:
@@ -267,7 +265,7 @@ def client_setup(node_id: int, payload: Mapping[str, object]) -> tuple[RoundKeys
     if read_int(payload, "node_id") != node_id:
         raise ProtocolError(f"setup message addressed to another node, not {node_id}")
     keys = RoundKeys.fresh(node_id, read_bytes(payload, "round_seed"))
-    return keys, {STAGE_KEY: Stage.SETUP.value, **keys.advertisement()}
+    return keys, keys.advertisement()
 
 
 def client_share_keys(
@@ -383,19 +381,14 @@ def client_masked_input(
     return state, reply
 
 
-def client_unmask(
-    stored: StoredState, payload: Mapping[str, object]
-) -> tuple[StoredState, Payload]:
+def client_unmask(state: StoredState, payload: Mapping[str, object]) -> tuple[ClientState, Payload]:
     """Reveal seed shares of survivors or key shares of dropped nodes, never both.
 
     Payload: survivors and dropped (ids, disjoint, among the nodes whose shares
-    this client holds), optionally next_round_seed. Reply: seed_shares and
-    key_shares, aligned with the request; with next_round_seed, also fresh keys
-    for that round (next_pk_enc, next_pk_mask, next_seed_commitment), which
-    the returned state holds. Answers once per round: the returned state
-    refuses any further request of this round.
+    this client holds). Reply: seed_shares and key_shares, aligned with them.
+    Answers once per round: the returned state refuses any further request.
     """
-    state = _expect(stored, payload, Stage.UNMASK)
+    state = _expect(state, payload, Stage.UNMASK)
     assert isinstance(state, ClientState)
     me = state.node_id
     survivors = read_ids(payload, "survivors")
@@ -414,10 +407,7 @@ def client_unmask(
         "seed_shares": [state.held_seed_shares[index[node]] for node in survivors],
         "key_shares": [state.held_key_shares[index[node]] for node in dropped],
     }
-    if NEXT_ROUND_SEED not in payload:
-        return replace(state, next_stage=_DONE), reply
-    keys = RoundKeys.fresh(me, read_bytes(payload, NEXT_ROUND_SEED))
-    return keys, {**reply, **keys.advertisement(NEXT_PREFIX)}
+    return replace(state, next_stage=_DONE), reply
 
 
 def _open_shares(

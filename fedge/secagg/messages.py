@@ -31,11 +31,9 @@ class Stage(StrEnum):
 
 STAGES = tuple(Stage)
 STAGE_KEY = "stage"
-# An UNMASK request may carry the next round's seed; the reply then also holds
-# the client's keys for that round, under the SETUP reply's field names with
-# this prefix (key advertisement pipelined into the previous round).
-NEXT_ROUND_SEED = "next_round_seed"
-NEXT_PREFIX = "next_"
+# A message may carry a stage payload of the next round (see `nest`), its
+# fields renamed with this prefix.
+NEXT_ROUND_PREFIX = "next_round_"
 MAX_NODE_ID = 2**64 - 1
 # One ciphertext carries the receiver's share of the sender's self-mask seed
 # followed by its share of the sender's mask private key.
@@ -61,6 +59,23 @@ def upload_bytes_per_client(vector_length: int, num_shares: int) -> int:
         + 4 * (vector_length + 1)
         + num_shares * SHARE_BYTES
     )
+
+
+def nest(payload: Mapping[str, object]) -> Payload:
+    """`payload` renamed to ride inside a message of the current round."""
+    return {NEXT_ROUND_PREFIX + key: value for key, value in payload.items()}  # type: ignore[misc]
+
+
+def unnest(payload: Mapping[str, object]) -> tuple[Payload, Payload | None]:
+    """Split a payload into its own fields and the nested next-round payload (or None)."""
+    own: Payload = {}
+    nested: Payload = {}
+    for key, value in payload.items():
+        if key.startswith(NEXT_ROUND_PREFIX):
+            nested[key.removeprefix(NEXT_ROUND_PREFIX)] = value  # type: ignore[assignment]
+        else:
+            own[key] = value  # type: ignore[assignment]
+    return own, nested or None
 
 
 def expect_stage(payload: Mapping[str, object], stage: Stage) -> None:

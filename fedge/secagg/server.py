@@ -29,8 +29,6 @@ from fedge.secagg.crypto import (
 from fedge.secagg.errors import ProtocolError, SecAggAbort
 from fedge.secagg.messages import (
     CIPHERTEXT_BYTES,
-    NEXT_PREFIX,
-    NEXT_ROUND_SEED,
     STAGE_KEY,
     Payload,
     Stage,
@@ -55,19 +53,11 @@ _STEPS = (
 
 
 class PublicKeys(NamedTuple):
-    """What a client advertises for a round: its two public keys and seed commitment."""
+    """A client's two public keys and seed commitment for one round."""
 
     pk_enc: bytes
     pk_mask: bytes
     seed_commitment: bytes
-
-
-@dataclass(frozen=True)
-class Advertisements:
-    """Clients' keys for the round with `round_seed`, collected a round ahead."""
-
-    round_seed: bytes
-    keys: Mapping[int, PublicKeys]
 
 
 @dataclass(frozen=True)
@@ -79,7 +69,6 @@ class AggregateResult:
     included: tuple[int, ...]
     dropped: dict[int, str]  # participants left out of the sum, with the reason
     unmask_faults: dict[int, str]  # included clients whose unmask reply was unusable
-    next_round: Advertisements | None = None  # keys sent with the unmask replies, if asked
 
     @property
     def num_clients(self) -> int:
@@ -90,11 +79,8 @@ class SecAggServer:
     """Drives one round; call the methods in order, once each.
 
     `round_seed` must be fresh random bytes each round (e.g. os.urandom(32)): it
-    fixes the neighbour graph and salts every derived key. `advertised` holds
-    keys clients already committed to under this round seed (the previous
-    round's `AggregateResult.next_round`); only the other participants get a
-    SETUP payload. Replies are keyed by node id; `dropped` and `active` show
-    the state between stages.
+    fixes the neighbour graph and salts every derived key. Replies are keyed by
+    node id; `dropped` and `active` show the state between stages.
     """
 
     def __init__(
@@ -106,7 +92,6 @@ class SecAggServer:
         clip_range: float,
         max_weight: int,
         round_seed: bytes,
-        advertised: Mapping[int, PublicKeys] | None = None,
     ) -> None:
         if len(set(participants)) != len(participants):
             raise ValueError("participants contains duplicate ids")
@@ -123,9 +108,7 @@ class SecAggServer:
         self._abort_reason: str | None = None
         self._active = set(self.params.participants)
         self._dropped: dict[int, str] = {}
-        self._keys = {
-            node: keys for node, keys in (advertised or {}).items() if node in self._active
-        }
+        self._keys: dict[int, PublicKeys] = {}
         self._announced: dict[int, tuple[int, ...]] = {}  # live neighbours sent at SHARE_KEYS
         self._ciphertexts: dict[tuple[int, int], bytes] = {}  # (sender, receiver)
         self._senders: dict[int, tuple[int, ...]] = {}  # ciphertexts routed to each node
@@ -133,7 +116,6 @@ class SecAggServer:
         self._total: NDArray[np.uint32] = np.zeros(vector_length + 1, np.uint32)  # Σ uploads
         self._requests: dict[int, tuple[list[int], list[int]]] = {}  # (survivors, dropped)
         self._needed_keys: list[int] = []  # dropped nodes whose pairwise masks remain
-        self._next_round_seed: bytes | None = None
 
     @property
     def dropped(self) -> dict[int, str]:
@@ -145,24 +127,19 @@ class SecAggServer:
         return tuple(sorted(self._active))
 
     def setup_payloads(self) -> dict[int, Payload]:
-        """The round seed for each participant without advertised keys (Stage.SETUP).
-
-        Empty when every participant advertised: the SETUP exchange can be skipped.
-        """
+        """The round seed for every participant (Stage.SETUP)."""
         self._begin("setup_payloads")
         rs = self.params.round_seed
         return {
             node: {STAGE_KEY: Stage.SETUP.value, "node_id": node, "round_seed": rs}
             for node in self.params.participants
-            if node not in self._keys
         }
 
     def receive_public_keys(self, replies: Replies) -> dict[int, Payload]:
         """Store keys and commitments; send each client the parameters and its neighbours' keys."""
         self._begin("receive_public_keys")
-        parse = partial(_parse_public_keys, KeyPair(), "")  # one throwaway key checks them all
-        pending = [node for node in self.active if node not in self._keys]
-        for node, keys in self._collect(replies, Stage.SETUP, parse, among=pending):
+        parse = partial(self._parse_keys, KeyPair())  # one throwaway key checks them all
+        for node, keys in self._collect(replies, Stage.SETUP, parse):
             self._keys[node] = keys
         self._prune(Stage.SETUP)
         base = self.params.to_payload()
@@ -197,14 +174,8 @@ class SecAggServer:
             }
         return payloads
 
-    def receive_masked_inputs(
-        self, replies: Replies, next_round_seed: bytes | None = None
-    ) -> dict[int, Payload]:
-        """Keep the uploads, drop senders of unauthentic shares, ask for unmask shares.
-
-        With `next_round_seed` (fresh random bytes) the requests also ask each
-        client for its keys of that round: see `AggregateResult.next_round`.
-        """
+    def receive_masked_inputs(self, replies: Replies) -> dict[int, Payload]:
+        """Keep the uploads, drop senders of unauthentic shares, ask for unmask shares."""
         self._begin("receive_masked_inputs")
         collected = self._collect(replies, Stage.MASKED_INPUT, self._parse_masked)
         for reporter, (_, rejected) in collected:
@@ -247,9 +218,6 @@ class SecAggServer:
                 "survivors": request[0],
                 "dropped": request[1],
             }
-            if next_round_seed is not None:
-                payloads[holder][NEXT_ROUND_SEED] = next_round_seed
-        self._next_round_seed = next_round_seed
         return payloads
 
     def receive_unmask_shares(self, replies: Replies) -> AggregateResult:
@@ -292,29 +260,15 @@ class SecAggServer:
                     )
                     masker.add_pair(total, pair_seed, node, dropped_node, remove=True)
         weighted_sum, total_weight = self.params.quantizer.decode(total)
-        return AggregateResult(
-            weighted_sum,
-            total_weight,
-            self.active,
-            self.dropped,
-            faults,
-            self._next_round(replies, [holder for holder, _ in collected]),
-        )
+        return AggregateResult(weighted_sum, total_weight, self.active, self.dropped, faults)
 
-    def _next_round(self, replies: Replies, holders: Sequence[int]) -> Advertisements | None:
-        """The next round's keys from well-formed unmask replies; a bad one is just left out.
-
-        A client left out gets a SETUP message next round instead.
-        """
-        if self._next_round_seed is None:
-            return None
-        probe, keys = KeyPair(), {}
-        for node in holders:
-            try:
-                keys[node] = _parse_public_keys(probe, NEXT_PREFIX, node, replies[node])
-            except ProtocolError:
-                continue
-        return Advertisements(self._next_round_seed, keys)
+    def _parse_keys(self, probe: KeyPair, node: int, reply: Mapping[str, object]) -> PublicKeys:
+        expect_stage(reply, Stage.SETUP)
+        enc = read_bytes(reply, "pk_enc", KEY_BYTES)
+        mask = read_bytes(reply, "pk_mask", KEY_BYTES)
+        probe.check(enc)
+        probe.check(mask)
+        return PublicKeys(enc, mask, read_bytes(reply, "seed_commitment", DIGEST_BYTES))
 
     def _parse_shares(self, node: int, reply: Mapping[str, object]) -> dict[int, bytes]:
         expect_stage(reply, Stage.SHARE_KEYS)
@@ -354,14 +308,10 @@ class SecAggServer:
         stage: Stage,
         parse: Callable[[int, Mapping[str, object]], T],
         faults: dict[int, str] | None = None,
-        among: Sequence[int] | None = None,
     ) -> list[tuple[int, T]]:
-        """Parse the replies of the active clients (or those `among` them).
-
-        Failures go to `faults` if given, else drop the client.
-        """
+        """Parse the active clients' replies; failures go to `faults`, else are dropped."""
         parsed: list[tuple[int, T]] = []
-        for node in self.active if among is None else among:
+        for node in self.active:
             try:
                 if node not in replies:
                     raise ProtocolError("no reply")
@@ -432,15 +382,3 @@ class SecAggServer:
         if step != expected:
             raise RuntimeError(f"{step} called out of order; expected {expected}")
         self._step += 1
-
-
-def _parse_public_keys(
-    probe: KeyPair, prefix: str, node: int, reply: Mapping[str, object]
-) -> PublicKeys:
-    """A SETUP reply's keys (or an UNMASK reply's, under NEXT_PREFIX), checked usable."""
-    expect_stage(reply, Stage.SETUP if not prefix else Stage.UNMASK)
-    enc = read_bytes(reply, f"{prefix}pk_enc", KEY_BYTES)
-    mask = read_bytes(reply, f"{prefix}pk_mask", KEY_BYTES)
-    probe.check(enc)
-    probe.check(mask)
-    return PublicKeys(enc, mask, read_bytes(reply, f"{prefix}seed_commitment", DIGEST_BYTES))

@@ -1,19 +1,22 @@
-"""Drives one SecAgg+ training round over Flower's Grid.
+"""Drives SecAgg+ training rounds over Flower's Grid, one round ahead on keys.
 
-Setup and key sharing are extra `grid.send_and_receive` exchanges before the
-training messages go out; the masked upload rides on the training messages
-themselves, and the unmasking exchange follows once they are back. The unmask
-requests also collect every client's keys for the next round, so from the
-second round on the setup exchange goes only to clients without them (usually
-none). The protocol logic lives in `fedge.secagg`; this module only moves its
-payloads.
+A round's four stages need four exchanges, but only two of them carry work the
+round itself must wait for: the masked upload rides on the training message,
+and unmasking follows once the uploads are back. So the next round's SETUP
+rides on this round's training message and its SHARE_KEYS on this round's
+unmask request, and a round whose sampled clients are exactly those that
+completed that key sharing starts with its keys already shared: two
+exchanges, one more than plain FedAvg. Any other round (the first, or after a
+client joined or dropped) runs setup and key sharing as extra exchanges of
+its own first. The protocol logic lives in `fedge.secagg`; this module only
+moves its payloads.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
@@ -23,25 +26,49 @@ from flwr.serverapp import Grid
 
 from fedge.config import FedgeConfig
 from fedge.records import payload_to_records, records_to_payload
-from fedge.secagg import Advertisements, AggregateResult, SecAggServer, Stage
-from fedge.secagg.messages import Payload
+from fedge.secagg import AggregateResult, SecAggAbort, SecAggServer, Stage
+from fedge.secagg.messages import Payload, nest, unnest
 from fedge.server_app.polling import destinations, replying_node
 from fedge.server_app.privacy import ServerPrivacy
 
+Payloads = dict[int, Payload]
+Shape = Callable[[int], tuple[int, int]]  # clients -> (num_shares, threshold)
+
+
+@dataclass(frozen=True)
+class KeyedRound:
+    """A round whose keys were shared during the previous one.
+
+    `server` is past key sharing; `uploads` are the MASKED_INPUT payloads of its
+    clients. Usable only for exactly its participants, none of them dropped:
+    anything else changes the parameters every client agreed to.
+    """
+
+    server: SecAggServer
+    uploads: Payloads
+
+    def fits(self, nodes: Iterable[int]) -> bool:
+        participants = self.server.params.participants
+        return tuple(sorted(nodes)) == participants == self.server.active
+
 
 class SecureRound:
-    """One round's server-side protocol state: `open` before training, `close` after."""
+    """One round's server-side protocol state: `open` before training, `close` after.
 
-    def __init__(self, grid: Grid, timeout: float, advertised: Advertisements | None) -> None:
-        """`advertised`: the previous round's `AggregateResult.next_round`, if any."""
+    After `close`, `next_round` holds the next round's `KeyedRound` if its key
+    sharing completed (pass it to the next SecureRound), else None.
+    """
+
+    def __init__(self, grid: Grid, timeout: float, shape: Shape, keyed: KeyedRound | None) -> None:
         self.grid = grid
         self.timeout = timeout
-        self.advertised = advertised
+        self.shape = shape
+        self.keyed = keyed
         self.server: SecAggServer | None = None
+        self.next_server: SecAggServer | None = None
+        self.next_round: KeyedRound | None = None
 
-    def _exchange(self, stage: Stage, payloads: dict[int, Payload]) -> dict[int, Payload]:
-        if not payloads:
-            return {}
+    def _exchange(self, stage: Stage, payloads: Payloads) -> Payloads:
         messages = [
             Message(
                 content=RecordDict(payload_to_records(payload)),
@@ -54,7 +81,7 @@ class SecureRound:
         return self.payloads_of(replies, destinations(messages))
 
     @staticmethod
-    def payloads_of(replies: Iterable[Message], sent: Mapping[str, int]) -> dict[int, Payload]:
+    def payloads_of(replies: Iterable[Message], sent: Mapping[str, int]) -> Payloads:
         """Replies as payloads; an error reply is a dropout (the protocol records why)."""
         payloads = {}
         for reply in replies:
@@ -74,38 +101,34 @@ class SecureRound:
         clip_range: float,
         max_weight: int,
     ) -> list[Message]:
-        """Run setup and key sharing; returns the training messages for the survivors.
+        """Share keys (unless done last round); returns the training messages for the survivors.
 
         Raises `SecAggAbort` when fewer than `threshold` clients remain.
         """
         nodes = [message.metadata.dst_node_id for message in train_messages]
-        advertised = self.advertised or Advertisements(os.urandom(32), {})
-        self.server = SecAggServer(
-            nodes,
-            num_shares,
-            threshold,
-            vector_length,
-            clip_range,
-            max_weight,
-            advertised.round_seed,
-            advertised.keys,
-        )
-        setup = self.server.setup_payloads()
-        log(INFO, "SecAgg: %s of %s clients advertised keys", len(nodes) - len(setup), len(nodes))
-        keys = self._exchange(Stage.SETUP, setup)
-        shares = self._exchange(Stage.SHARE_KEYS, self.server.receive_public_keys(keys))
-        uploads = self.server.receive_encrypted_shares(shares)
-        log(INFO, "SecAgg: %s of %s clients shared keys", len(uploads), len(nodes))
+        if self.keyed is not None and self.keyed.fits(nodes):
+            self.server, uploads = self.keyed.server, self.keyed.uploads
+            log(INFO, "SecAgg: keys for this round were shared during the last one")
+        else:
+            self.server = SecAggServer(
+                nodes, num_shares, threshold, vector_length, clip_range, max_weight, os.urandom(32)
+            )
+            keys = self._exchange(Stage.SETUP, self.server.setup_payloads())
+            shares = self._exchange(Stage.SHARE_KEYS, self.server.receive_public_keys(keys))
+            uploads = self.server.receive_encrypted_shares(shares)
+            log(INFO, "SecAgg: %s of %s clients shared keys", len(uploads), len(nodes))
+        next_setup = self._start_next_round(sorted(uploads), vector_length, clip_range, max_weight)
         messages = []
         for message in train_messages:
             node = message.metadata.dst_node_id
             if node not in uploads:
                 continue
+            payload = {**uploads[node], **nest(next_setup.get(node, {}))}
             content = RecordDict(
                 {
                     "arrays": message.content.array_records["arrays"],
                     "config": message.content.config_records["config"],
-                    **payload_to_records(uploads[node]),
+                    **payload_to_records(payload),
                 }
             )
             messages.append(
@@ -124,12 +147,61 @@ class SecureRound:
         """
         if self.server is None:
             raise RuntimeError("SecureRound.close() called before open()")
-        unmask = self.server.receive_masked_inputs(self.payloads_of(replies, sent), os.urandom(32))
-        result = self.server.receive_unmask_shares(self._exchange(Stage.UNMASK, unmask))
+        uploads, next_keys = _split(self.payloads_of(replies, sent))
+        unmask = self.server.receive_masked_inputs(uploads)
+        next_shares = self._advance_next_round(lambda server: server.receive_public_keys(next_keys))
+        requests = {node: {**unmask[node], **nest(next_shares.get(node, {}))} for node in unmask}
+        answers, next_ciphertexts = _split(self._exchange(Stage.UNMASK, requests))
+        next_uploads = self._advance_next_round(
+            lambda server: server.receive_encrypted_shares(next_ciphertexts)
+        )
+        if self.next_server is not None:
+            self.next_round = KeyedRound(self.next_server, next_uploads)
+        result = self.server.receive_unmask_shares(answers)
         for node, reason in result.dropped.items():
             log(WARNING, "SecAgg: node %s left out: %s", node, reason)
         log(INFO, "SecAgg: summed %s clients' masked updates", result.num_clients)
         return result
+
+    def _start_next_round(
+        self, nodes: list[int], vector_length: int, clip_range: float, max_weight: int
+    ) -> Payloads:
+        """The next round's server for `nodes`, and their SETUP payloads to nest."""
+        try:
+            self.next_server = SecAggServer(
+                nodes,
+                *self.shape(len(nodes)),
+                vector_length,
+                clip_range,
+                max_weight,
+                os.urandom(32),
+            )
+        except ValueError as error:  # e.g. too few clients left for a next round
+            log(INFO, "SecAgg: no key sharing ahead of the next round: %s", error)
+            return {}
+        return self.next_server.setup_payloads()
+
+    def _advance_next_round(self, stage: Callable[[SecAggServer], Payloads]) -> Payloads:
+        """Feed the next round's server one stage; an abort just ends the pipelining."""
+        if self.next_server is None:
+            return {}
+        try:
+            return stage(self.next_server)
+        except SecAggAbort as abort:
+            log(INFO, "SecAgg: the next round will share keys itself: %s", abort)
+            self.next_server = None
+            return {}
+
+
+def _split(payloads: Payloads) -> tuple[Payloads, Payloads]:
+    """Each node's payload for this round, and the nested next-round ones."""
+    own: Payloads = {}
+    nested: Payloads = {}
+    for node, payload in payloads.items():
+        own[node], inner = unnest(payload)
+        if inner is not None:
+            nested[node] = inner
+    return own, nested
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,11 @@ from fedge.client_app.protocol import (
 )
 from fedge.edge.broadcast import BACKBONE_KEY
 from fedge.records import NamedArrays, from_array_record, to_array_record, unflatten
-from fedge.secagg import Advertisements, SecAggAbort
+from fedge.secagg import SecAggAbort
 from fedge.server_app.aggregation import apply_update, summed, weighted_mean
 from fedge.server_app.polling import destinations, replying_node
 from fedge.server_app.privacy import ServerPrivacy
-from fedge.server_app.secure_round import SecAggSettings, SecureRound
+from fedge.server_app.secure_round import KeyedRound, SecAggSettings, SecureRound
 from fedge.server_app.validation import check_reply
 
 
@@ -94,7 +94,7 @@ class FedgeAvg(FedAvg):
         self.edge_backbone = edge_backbone
         self.secagg = secagg
         self.secure_round: SecureRound | None = None
-        self.advertised: Advertisements | None = None  # clients' keys for the next round
+        self.keyed_round: KeyedRound | None = None  # shared keys for the next round
         self.train_messages: list[Message] = []
         self.velocity: NamedArrays | None = None
         self.current_arrays: NamedArrays = {}
@@ -149,8 +149,8 @@ class FedgeAvg(FedAvg):
         assert self.secagg is not None
         num_shares, threshold = self.secagg.shape(len(messages))
         clip_range, max_weight = self.secagg.encoding(self.privacy)
-        secure_round = SecureRound(grid, self.secagg.timeout, self.advertised)
-        self.advertised = None  # used up, whether the round completes or not
+        secure_round = SecureRound(grid, self.secagg.timeout, self.secagg.shape, self.keyed_round)
+        self.keyed_round = None  # used up, whether the round completes or not
         try:
             messages = secure_round.open(
                 messages,
@@ -249,7 +249,8 @@ class FedgeAvg(FedAvg):
         except SecAggAbort as abort:
             log(WARNING, "SecAgg round aborted: %s; the global model stays unchanged", abort)
             return None
-        self.advertised = result.next_round
+        finally:
+            self.keyed_round = self.secure_round.next_round
         self.report.num_replies = result.num_clients
         self.report.num_rejected = len(result.dropped)
         self.report.rejected = dict(result.dropped)
