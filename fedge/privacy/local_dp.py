@@ -33,6 +33,7 @@ from fedge.privacy._opacus import (
     PrivacyEngine,
     RDPAccountant,
 )
+from fedge.privacy._per_sample import FedgePrivacyEngine
 from fedge.privacy.accountant import check_step, rdp_epsilon
 
 AccountantState = Mapping[str, Any] | bytes | str
@@ -167,7 +168,7 @@ def make_local_dp(
     with warnings.catch_warnings():
         # We pick the noise generator ourselves (above); the advice does not apply.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        engine = PrivacyEngine(accountant="rdp")
+        engine = FedgePrivacyEngine(accountant="rdp")
     engine.accountant = _load_accountant(accountant_state)
     hooks, dp_optimizer, dp_loader = engine.make_private(
         module=model,

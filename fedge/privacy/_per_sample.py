@@ -1,0 +1,333 @@
+"""Faster per-sample gradients and clipping for fedge's DP-SGD, on Opacus's seams.
+
+On small models Opacus's `hooks` mode is bound by per-op overhead and memory
+passes, not FLOPs: a full backward hook on every layer, every backprop rescaled
+by the batch size, each per-sample gradient copied into a freshly zeroed buffer,
+the parameter list re-walked several times per optimizer step. Here the same
+quantities are computed with fewer, larger ops. Only the objects that
+`FedgePrivacyEngine` builds use these paths: Opacus's global sampler registry
+(`register_grad_sampler`) is left untouched. The optimizer keeps Opacus's DP
+semantics exactly: flat clipping of each example's whole gradient to
+`max_grad_norm`, Gaussian noise of std `noise_multiplier * max_grad_norm`,
+division by the expected batch size.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional
+from torch.utils.hooks import RemovableHandle
+
+from fedge.privacy._opacus import (
+    DPGRU,
+    DPLSTM,
+    DPRNN,
+    DPOptimizer,
+    GradSampleHooks,
+    PrivacyEngine,
+    check_processed_flag,
+    mark_as_processed,
+    prepare_layer,
+    promote_current_grad_sample,
+    trainable_parameters,
+)
+
+GradSamples = dict[nn.Parameter, torch.Tensor]
+
+
+def _wants(parameter: nn.Parameter | None) -> bool:
+    return parameter is not None and parameter.requires_grad
+
+
+def linear_grad_sample(
+    layer: nn.Linear, x: torch.Tensor, grad_out: torch.Tensor, scale: float
+) -> GradSamples:
+    """Per-sample gradients of a Linear on (batch, features) input: one outer product each."""
+    samples = {}
+    grad_out = grad_out * scale
+    if _wants(layer.weight):
+        samples[layer.weight] = grad_out.unsqueeze(2) * x.unsqueeze(1)
+    if _wants(layer.bias):
+        samples[layer.bias] = grad_out
+    return samples
+
+
+def conv2d_grad_sample(
+    layer: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor, scale: float
+) -> GradSamples:
+    """Per-sample gradients of a Conv2d.
+
+    The weight gradient of a convolution whose groups are the examples is the stack
+    of the per-example weight gradients, so one grouped `conv2d_weight` gives them
+    all without Opacus's im2col buffer (9x the input for a 3x3 kernel). With one
+    input channel per group that buffer is small and im2col + one batched matmul is
+    faster (digits CNN, 1 thread: 67 vs 148 us for its first conv, 380 vs 452 us the
+    other way round for its second).
+    """
+    samples = {}
+    n = x.shape[0]
+    if _wants(layer.weight):
+        x = x * scale
+        if layer.in_channels // layer.groups == 1 and layer.groups == 1:
+            columns = functional.unfold(
+                x, layer.kernel_size, layer.dilation, layer.padding, layer.stride
+            )
+            weight = torch.bmm(grad_out.reshape(n, layer.out_channels, -1), columns.transpose(1, 2))
+        else:
+            weight = torch.nn.grad.conv2d_weight(
+                x.reshape(1, n * layer.in_channels, *x.shape[2:]),
+                (n * layer.out_channels, *layer.weight.shape[1:]),
+                grad_out.reshape(1, n * layer.out_channels, *grad_out.shape[2:]),
+                layer.stride,
+                layer.padding,
+                layer.dilation,
+                n * layer.groups,
+            )
+        samples[layer.weight] = weight.view(n, *layer.weight.shape)
+    if _wants(layer.bias):
+        samples[layer.bias] = grad_out.sum((2, 3)).mul_(scale)
+    return samples
+
+
+def group_norm_grad_sample(
+    layer: nn.GroupNorm, x: torch.Tensor, grad_out: torch.Tensor, scale: float
+) -> GradSamples:
+    """Per-sample gradients of a GroupNorm's affine weight and bias."""
+    samples = {}
+    flat_grad = grad_out.flatten(2)
+    if _wants(layer.weight):
+        normalized = functional.group_norm(x, layer.num_groups, eps=layer.eps).flatten(2)
+        samples[layer.weight] = (normalized * flat_grad).sum(2).mul_(scale)
+    if _wants(layer.bias):
+        samples[layer.bias] = flat_grad.sum(2).mul_(scale)
+    return samples
+
+
+_FAST_TYPES = (nn.Linear, nn.Conv2d, nn.GroupNorm)
+
+
+def _fast_sampler(module: nn.Module, x: torch.Tensor) -> Any:
+    """fedge's sampler for `module` on input `x`, or None to leave it to Opacus."""
+    kind = type(module)
+    if kind is nn.Linear and x.dim() == 2:
+        return linear_grad_sample
+    if kind is nn.GroupNorm and x.dim() > 2:
+        return group_norm_grad_sample
+    if (
+        kind is nn.Conv2d
+        and x.dim() == 4
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    ):
+        return conv2d_grad_sample
+    return None
+
+
+class FedgeGradSampleHooks(GradSampleHooks):
+    """Opacus's hooks, with fedge's samplers for Linear, Conv2d and GroupNorm layers.
+
+    Those layers get a forward hook that saves the input and puts a tensor hook on
+    the output, instead of Opacus's full backward hook: that hook wraps every input
+    and output of the layer in an extra autograd node, which costs about 0.9 ms a
+    step on the digits CNN against 0.3 ms for the tensor hooks. A layer run once per
+    forward pass gets its per-sample gradients straight from the sampler (no zeroed
+    buffer and copy per parameter), and the sampler undoes the mean loss's 1/batch
+    on its smallest tensor. Layers used more than once per pass (tied weights), other
+    layer types and non-batch-first inputs take Opacus's own path.
+    """
+
+    def add_hooks(
+        self,
+        *,
+        loss_reduction: str = "mean",
+        batch_first: bool = True,
+        force_functorch: bool = False,
+    ) -> None:
+        """Attach the hooks; Opacus's `add_hooks` except for fedge's layer types."""
+        if force_functorch or not batch_first:
+            super().add_hooks(
+                loss_reduction=loss_reduction,
+                batch_first=batch_first,
+                force_functorch=force_functorch,
+            )
+            return
+        if hasattr(self._module, "autograd_grad_sample_hooks"):
+            raise ValueError("Trying to add hooks twice to the same model")
+        handles: list[RemovableHandle] = []
+        self._module.autograd_grad_sample_hooks = handles
+        self.autograd_grad_sample_hooks = handles
+        for module in self.iterate_submodules(self._module):
+            if type(module) in _FAST_TYPES:
+                watch = partial(self._capture_and_watch, loss_reduction=loss_reduction)
+                handles.append(module.register_forward_hook(watch))
+                continue
+            if type(module) in (DPRNN, DPLSTM, DPGRU):  # their RNNLinear cells are hooked
+                continue
+            if type(module) not in self.GRAD_SAMPLERS:
+                prepare_layer(module, batch_first=batch_first)
+            handles.append(module.register_forward_hook(self.capture_activations_hook))
+            backprops = partial(
+                self.capture_backprops_hook, loss_reduction=loss_reduction, batch_first=True
+            )
+            handles.append(module.register_full_backward_hook(backprops))
+        self.enable_hooks()
+
+    def _capture_and_watch(
+        self,
+        module: nn.Module,
+        forward_input: list[torch.Tensor],
+        output: torch.Tensor,
+        loss_reduction: str,
+    ) -> None:
+        """Save the input like Opacus, then hook the output's gradient if it was saved."""
+        saved = len(getattr(module, "activations", ()))
+        self.capture_activations_hook(module, forward_input, output)
+        if len(getattr(module, "activations", ())) > saved and output.requires_grad:
+            output.register_hook(partial(self._output_grad_hook, module, loss_reduction))
+
+    def _output_grad_hook(
+        self, module: nn.Module, loss_reduction: str, grad_output: torch.Tensor
+    ) -> None:
+        self.capture_backprops_hook(module, (), (grad_output,), loss_reduction, True)
+
+    def capture_backprops_hook(
+        self,
+        module: nn.Module,
+        _forward_input: Any,
+        forward_output: Any,
+        loss_reduction: str,
+        batch_first: bool,
+    ) -> None:
+        """Compute `module`'s per-sample gradients from its saved input and output gradient."""
+        activations = getattr(module, "activations", None)
+        parameters = [p for _, p in trainable_parameters(module)]
+        sampler = (
+            _fast_sampler(module, activations[0][0])
+            if activations and len(activations) == 1 and len(activations[0]) == 1
+            else None
+        )
+        if (
+            not self.hooks_enabled
+            or sampler is None
+            or not batch_first
+            or loss_reduction not in ("mean", "sum")
+            or hasattr(module, "max_batch_len")
+            or any(p._forward_counter != 1 for p in parameters)
+            or any(hasattr(p, "_current_grad_sample") for p in parameters)
+        ):
+            super().capture_backprops_hook(
+                module, _forward_input, forward_output, loss_reduction, batch_first
+            )
+            return
+        (x,) = activations.pop()
+        grad_out = forward_output[0].detach()
+        # a mean loss scales each example's gradient by 1/batch; the sampler undoes it
+        scale = float(x.shape[0]) if loss_reduction == "mean" else 1.0
+        for parameter, sample in sampler(module, x.to(grad_out.dtype), grad_out, scale).items():
+            parameter._current_grad_sample = sample
+        for parameter in parameters:
+            parameter._forward_counter -= 1
+            promote_current_grad_sample(parameter)
+            if not self.grad_accumulation_allowed and isinstance(parameter.grad_sample, list):
+                raise ValueError(
+                    "Poisson sampling is not compatible with grad accumulation. "
+                    "Call optimizer.step() after every forward/backward pass."
+                )
+
+
+class FedgeDPOptimizer(DPOptimizer):
+    """Opacus's DPOptimizer with the clip, noise and scale steps in fewer ops.
+
+    Same mechanism: each example's gradient is clipped as one vector to
+    `max_grad_norm` (factor `max_grad_norm / (norm + 1e-6)`, at most 1), the clipped
+    gradients are summed, Gaussian noise of std `noise_multiplier * max_grad_norm`
+    is added to every coordinate, and the sum is divided by the expected batch
+    size times the accumulated iterations. The noise for all parameters is drawn
+    in one call, so its values differ from Opacus's for the same generator seed,
+    but not its distribution. Secure mode takes Opacus's path.
+    """
+
+    def clip_and_accumulate(self) -> None:
+        """Clip each example's gradient and add the clipped sum to `p.summed_grad`."""
+        params = self.params
+        samples = [self._get_flat_grad_sample(p) for p in params]
+        if len(samples[0]) == 0:
+            super().clip_and_accumulate()
+            return
+        flat = [
+            sample.reshape(len(sample), -1).to(p.dtype)
+            for p, sample in zip(params, samples, strict=True)
+        ]
+        per_param = torch.stack([torch.linalg.vector_norm(f, dim=1) for f in flat], dim=1)
+        factor = (self.max_grad_norm / (per_param.norm(2, dim=1) + 1e-6)).clamp(max=1.0)
+        for p, f in zip(params, flat, strict=True):
+            check_processed_flag(p.grad_sample)
+            grad = (factor.to(f.dtype) @ f).view(p.shape)
+            if p.summed_grad is not None:
+                p.summed_grad += grad
+            else:
+                p.summed_grad = grad
+            mark_as_processed(p.grad_sample)
+
+    def add_noise(self) -> None:
+        """Set `p.grad` to `p.summed_grad` plus Gaussian noise, drawn in one call."""
+        std = self.noise_multiplier * self.max_grad_norm
+        if self.secure_mode or std == 0:
+            super().add_noise()
+            return
+        params = self.params
+        sizes = [p.summed_grad.numel() for p in params]
+        reference = params[0].summed_grad
+        noise = torch.normal(
+            mean=0.0,
+            std=std,
+            size=(sum(sizes),),
+            generator=self.generator,
+            device=reference.device,
+            dtype=reference.dtype,
+        )
+        for p, chunk in zip(params, noise.split(sizes), strict=True):
+            check_processed_flag(p.summed_grad)
+            p.grad = (p.summed_grad + chunk.view_as(p.summed_grad)).view_as(p)
+            mark_as_processed(p.summed_grad)
+
+    def scale_grad(self) -> None:
+        """Divide by expected batch size x accumulated iterations (counted once, not per p)."""
+        if self.loss_reduction == "mean":
+            denominator = self.expected_batch_size * self.accumulated_iterations
+            for p in self.params:
+                p.grad /= denominator
+
+
+class FedgePrivacyEngine(PrivacyEngine):
+    """PrivacyEngine whose `make_private` (hooks mode, flat clipping) uses the fast paths.
+
+    Other modes and clipping rules fall back to Opacus's classes.
+    """
+
+    def _prepare_model(self, module: nn.Module, **kwargs: Any) -> Any:
+        if kwargs.get("wrap_model", True) or kwargs.get("grad_sample_mode", "hooks") != "hooks":
+            return super()._prepare_model(module, **kwargs)
+        self.validate(module=module, optimizer=None, data_loader=None)
+        return FedgeGradSampleHooks(
+            module,
+            batch_first=kwargs.get("batch_first", True),
+            loss_reduction=kwargs.get("loss_reduction", "mean"),
+        )
+
+    def _prepare_optimizer(self, **kwargs: Any) -> DPOptimizer:
+        chosen = super()._prepare_optimizer(**kwargs)
+        if type(chosen) is not DPOptimizer or chosen.secure_mode:
+            return chosen
+        return FedgeDPOptimizer(
+            chosen.original_optimizer,
+            noise_multiplier=chosen.noise_multiplier,
+            max_grad_norm=chosen.max_grad_norm,
+            expected_batch_size=chosen.expected_batch_size,
+            loss_reduction=chosen.loss_reduction,
+            generator=chosen.generator,
+        )
