@@ -159,6 +159,8 @@ def make_local_dp(
     predictable. Opacus's Poisson batch sampling still uses torch's global RNG
     (Opacus only replaces it in secure mode, which needs torchcsprng). On glibc it
     also tunes the allocator for Opacus's per-step buffers (`_keep_freed_memory`).
+    Per-sample gradients, clipping and noise take fedge's faster paths
+    (`fedge.privacy._per_sample`), with Opacus's mechanism and accountant.
     """
     check_noise_multiplier(noise_multiplier)
     check_positive("max_grad_norm", max_grad_norm)
