@@ -13,6 +13,7 @@ Two harnesses:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Iterable
@@ -344,6 +345,20 @@ def test_keys_are_shared_a_round_ahead_when_the_clients_stay_the_same() -> None:
         assert grid.sent == [kind for kind in stages for _ in NODES]
         grid.dead.clear()
         grid.kill_at.clear()
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_keys_shared_ahead_are_not_used_under_other_parameters() -> None:
+    """Clients agreed to the last round's parameters (here the clip range changes)."""
+    grid = SecAggGrid(NODES)
+    strategy = secure_strategy()
+    train_round(strategy, grid)
+    assert strategy.secagg is not None
+    strategy.secagg = dataclasses.replace(strategy.secagg, clip_norm=2 * CLIP)
+    grid.sent.clear()
+    arrays, _ = train_round(strategy, grid)
+    assert arrays is not None and distance_to(arrays, list(NODES)) < 1e-5
+    assert grid.sent == [kind for kind in STAGES for _ in NODES]
 
 
 # --- Ray: the full ServerApp and ClientApp on digits -------------------------------------

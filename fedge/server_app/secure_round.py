@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from logging import INFO, WARNING
 
 from flwr.app import Message, RecordDict
@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 
 from fedge.config import FedgeConfig
 from fedge.records import payload_to_records, records_to_payload
-from fedge.secagg import AggregateResult, SecAggAbort, SecAggServer, Stage
+from fedge.secagg import AggregateResult, SecAggAbort, SecAggParams, SecAggServer, Stage
 from fedge.secagg.messages import Payload, nest, unnest
 from fedge.server_app.polling import destinations, replying_node
 from fedge.server_app.privacy import ServerPrivacy
@@ -40,16 +40,19 @@ class KeyedRound:
     """A round whose keys were shared during the previous one.
 
     `server` is past key sharing; `uploads` are the MASKED_INPUT payloads of its
-    clients. Usable only for exactly its participants, none of them dropped:
-    anything else changes the parameters every client agreed to.
+    clients. Usable only for exactly its participants, none of them dropped, and
+    the same parameters: anything else changes what every client agreed to.
     """
 
     server: SecAggServer
     uploads: Payloads
 
-    def fits(self, nodes: Iterable[int]) -> bool:
-        participants = self.server.params.participants
-        return tuple(sorted(nodes)) == participants == self.server.active
+    def fits(self, params: SecAggParams) -> bool:
+        """Whether this round can run as `params` asks (its own round seed aside)."""
+        own = self.server.params
+        return own == replace(params, round_seed=own.round_seed) and (
+            self.server.active == own.participants
+        )
 
 
 class SecureRound:
@@ -106,13 +109,14 @@ class SecureRound:
         Raises `SecAggAbort` when fewer than `threshold` clients remain.
         """
         nodes = [message.metadata.dst_node_id for message in train_messages]
-        if self.keyed is not None and self.keyed.fits(nodes):
+        server = SecAggServer(
+            nodes, num_shares, threshold, vector_length, clip_range, max_weight, os.urandom(32)
+        )
+        if self.keyed is not None and self.keyed.fits(server.params):
             self.server, uploads = self.keyed.server, self.keyed.uploads
             log(INFO, "SecAgg: keys for this round were shared during the last one")
         else:
-            self.server = SecAggServer(
-                nodes, num_shares, threshold, vector_length, clip_range, max_weight, os.urandom(32)
-            )
+            self.server = server
             keys = self._exchange(Stage.SETUP, self.server.setup_payloads())
             shares = self._exchange(Stage.SHARE_KEYS, self.server.receive_public_keys(keys))
             uploads = self.server.receive_encrypted_shares(shares)
