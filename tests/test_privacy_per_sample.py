@@ -155,3 +155,22 @@ def test_fedge_layers_skip_full_backward_hooks() -> None:
     assert not any(module._backward_hooks for module in model.modules())
     hooks.cleanup()
     assert not any(module._forward_hooks for module in model.modules())
+
+
+@pytest.mark.parametrize(("name", "shape"), [("cnn", (1, 8, 8)), ("mlp", (30,))])
+def test_empty_poisson_batch_gives_zero_gradient(name: str, shape: tuple[int, ...]) -> None:
+    model = build_model(ModelSpec(name, shape, 10))
+    hooks = FedgeGradSampleHooks(model, batch_first=True, loss_reduction="mean")
+    optimizer = FedgeDPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=0.0,
+        max_grad_norm=1.0,
+        expected_batch_size=8,
+    )
+    x, y = torch.zeros(0, *shape), torch.zeros(0, dtype=torch.long)
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.pre_step()
+    hooks.cleanup()
+    for p in model.parameters():
+        assert p.grad.shape == p.shape
+        assert not p.grad.any()

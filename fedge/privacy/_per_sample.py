@@ -111,7 +111,13 @@ _FAST_TYPES = (nn.Linear, nn.Conv2d, nn.GroupNorm)
 
 
 def _fast_sampler(module: nn.Module, x: torch.Tensor) -> Any:
-    """fedge's sampler for `module` on input `x`, or None to leave it to Opacus."""
+    """fedge's sampler for `module` on input `x`, or None to leave it to Opacus.
+
+    An empty batch (Poisson sampling can draw one) goes to Opacus: a grouped
+    convolution with zero groups is an error.
+    """
+    if x.shape[0] == 0:
+        return None
     kind = type(module)
     if kind is nn.Linear and x.dim() == 2:
         return linear_grad_sample
