@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedge.models import ModelSpec, build_model, load_numpy_state, state_to_numpy
 from fedge.models.training import train_epochs
+from fedge.privacy._per_sample import FACTORS
 from fedge.privacy.local_dp import (
     AccountantState,
     LocalDP,
@@ -100,10 +101,13 @@ def test_model_keeps_plain_parameter_names() -> None:
     assert any((after[name] != before[name]).any() for name in names)
     load_numpy_state(dp.model, before)
 
+    # the Linear weights' per-sample gradients stay factored until the next zero_grad
+    assert sum(hasattr(p, FACTORS) for p in model.parameters()) == 3
     dp.close()
-    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+    attributes = ("grad_sample", FACTORS)
+    assert not any(hasattr(p, a) for p in model.parameters() for a in attributes)
     nn.functional.cross_entropy(model(torch.randn(4, 30)), torch.tensor([0, 1, 0, 1])).backward()
-    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+    assert not any(hasattr(p, a) for p in model.parameters() for a in attributes)
 
 
 def test_budget_checks() -> None:

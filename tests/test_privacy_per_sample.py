@@ -7,9 +7,15 @@ import torch
 from opacus.grad_sample import GradSampleHooks
 from opacus.optimizers import DPOptimizer
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from fedge.models import ModelSpec, build_model
-from fedge.privacy._per_sample import FedgeDPOptimizer, FedgeGradSampleHooks
+from fedge.privacy._per_sample import (
+    FACTORS,
+    FedgeDPOptimizer,
+    FedgeGradSampleHooks,
+    FedgePrivacyEngine,
+)
 
 BATCH = 6
 
@@ -174,3 +180,134 @@ def test_empty_poisson_batch_gives_zero_gradient(name: str, shape: tuple[int, ..
     for p in model.parameters():
         assert p.grad.shape == p.shape
         assert not p.grad.any()
+
+
+MODELS = [("cnn", (1, 8, 8)), ("mlp", (30,))]
+
+
+def _setup(
+    name: str, shape: tuple[int, ...], *, stock: bool, max_grad_norm: float = 1.0
+) -> tuple[nn.Module, GradSampleHooks, DPOptimizer]:
+    """Stock Opacus hooks and optimizer, or fedge's with factored Linear weights."""
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(name, shape, 10))
+    hooks_class, optimizer_class = (
+        (GradSampleHooks, DPOptimizer) if stock else (FedgeGradSampleHooks, FedgeDPOptimizer)
+    )
+    hooks = hooks_class(model, batch_first=True, loss_reduction="mean")
+    hooks.factor_linear_weights = not stock
+    optimizer = optimizer_class(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=0.0,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=20,
+    )
+    return model, hooks, optimizer
+
+
+def _backward(model: nn.Module, shape: tuple[int, ...], size: int = 16, seed: int = 2) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(size, *shape, generator=generator)
+    y = torch.randint(0, 10, (size,), generator=generator)
+    nn.functional.cross_entropy(model(x), y).backward()
+
+
+def _linear_weights(model: nn.Module) -> list[nn.Parameter]:
+    return [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def _assert_close(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    assert len(actual) == len(expected)
+    for got, want in zip(actual, expected, strict=True):
+        assert got.shape == want.shape
+        assert _relative_error(got, want) < 1e-5
+
+
+@pytest.mark.parametrize(("name", "shape"), MODELS)
+@pytest.mark.parametrize("clipped", ["all", "some", "none"])
+def test_factored_clipping_matches_opacus(name: str, shape: tuple[int, ...], clipped: str) -> None:
+    model, hooks, optimizer = _setup(name, shape, stock=True)
+    _backward(model, shape)
+    samples = optimizer.grad_samples
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in samples], dim=1).norm(dim=1)
+    max_grad_norm = {
+        "all": float(norms.min()) / 2,
+        "some": float(norms.median()),
+        "none": float(norms.max()) * 2,
+    }[clipped]
+    optimizer.max_grad_norm = max_grad_norm
+    optimizer.pre_step()
+    expected = [p.grad.clone() for p in model.parameters()]
+    hooks.cleanup()
+
+    model, hooks, optimizer = _setup(name, shape, stock=False, max_grad_norm=max_grad_norm)
+    _backward(model, shape)
+    weights = _linear_weights(model)
+    assert all(p.grad_sample is None and hasattr(p, FACTORS) for p in weights)
+    _assert_close(optimizer.grad_samples, samples)  # materialized for Opacus-generic readers
+    optimizer.pre_step()
+    _assert_close([p.grad for p in model.parameters()], expected)
+    hooks.cleanup()
+    assert not any(hasattr(p, FACTORS) for p in model.parameters())
+
+
+@pytest.mark.parametrize(("name", "shape"), MODELS)
+def test_accumulated_passes_materialize_factors_like_opacus(
+    name: str, shape: tuple[int, ...]
+) -> None:
+    results = []
+    for stock in (True, False):
+        model, hooks, optimizer = _setup(name, shape, stock=stock, max_grad_norm=0.1)
+        _backward(model, shape, size=5, seed=2)
+        _backward(model, shape, size=7, seed=3)
+        assert optimizer.accumulated_iterations == 2
+        optimizer.pre_step()
+        results.append([p.grad.clone() for p in model.parameters()])
+        hooks.cleanup()
+    _assert_close(results[1], results[0])
+
+    model, hooks, optimizer = _setup(name, shape, stock=False)
+    hooks.forbid_grad_accumulation()  # as with Poisson sampling
+    _backward(model, shape)
+    with pytest.raises(ValueError, match="Poisson sampling"):
+        _backward(model, shape)
+
+
+@pytest.mark.parametrize(("name", "shape"), MODELS)
+def test_factors_need_zero_grad_and_do_not_reach_the_next_batch(
+    name: str, shape: tuple[int, ...]
+) -> None:
+    model, hooks, optimizer = _setup(name, shape, stock=False)
+    _backward(model, shape)
+    optimizer.step()
+    with pytest.raises(ValueError, match="zero_grad"):
+        optimizer.step()
+    optimizer.zero_grad()
+    assert not any(hasattr(p, FACTORS) for p in model.parameters())
+    _backward(model, shape, size=0)  # an empty Poisson batch
+    optimizer.pre_step()
+    for p in model.parameters():
+        assert p.grad.shape == p.shape
+        assert not p.grad.any()
+    hooks.cleanup()
+
+
+@pytest.mark.parametrize(("clipping", "factored"), [("flat", True), ("per_layer", False)])
+def test_engine_factors_only_for_fedge_optimizer(clipping: str, factored: bool) -> None:
+    model = build_model(ModelSpec("mlp", (30,), 10))
+    data = TensorDataset(torch.randn(64, 30), torch.randint(0, 10, (64,)))
+    hooks, optimizer, _ = FedgePrivacyEngine().make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(data, batch_size=16),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0 if clipping == "flat" else [1.0] * len(list(model.parameters())),
+        clipping=clipping,
+        wrap_model=False,
+    )
+    assert isinstance(hooks, FedgeGradSampleHooks)
+    assert isinstance(optimizer, FedgeDPOptimizer) == factored
+    _backward(model, (30,))
+    assert all(hasattr(p, FACTORS) == factored for p in _linear_weights(model))
+    optimizer.step()
+    hooks.cleanup()

@@ -10,6 +10,15 @@ quantities are computed with fewer, larger ops. Only the objects that
 semantics exactly: flat clipping of each example's whole gradient to
 `max_grad_norm`, Gaussian noise of std `noise_multiplier * max_grad_norm`,
 division by the expected batch size.
+
+With both of fedge's hooks and optimizer (as `FedgePrivacyEngine` builds them), a
+Linear weight on (batch, features) input keeps no per-sample gradient at all:
+example i's gradient is the outer product b_i a_i^T of its scaled backprop and its
+input, so its squared norm is |b_i|^2 |a_i|^2 and the clipped sum is one matmul
+(c * B)^T A. The hooks store (B, A) as `p.grad_sample_factors` in place of
+`p.grad_sample` (None for such a weight), which skips writing and twice reading a
+batch x out x in tensor (4 MB a step for the digits CNN's first Linear).
+`FedgeDPOptimizer.grad_samples` still returns the materialized tensors.
 """
 
 from __future__ import annotations
@@ -37,10 +46,34 @@ from fedge.privacy._opacus import (
 )
 
 GradSamples = dict[nn.Parameter, torch.Tensor]
+Factors = tuple[torch.Tensor, torch.Tensor]
+
+# A Linear weight's per-sample gradients as (backprops, activations), on the parameter.
+# Opacus's processed flag goes on the activations: the bias's grad_sample is the backprops.
+FACTORS = "grad_sample_factors"
 
 
 def _wants(parameter: nn.Parameter | None) -> bool:
     return parameter is not None and parameter.requires_grad
+
+
+def _factors(p: nn.Parameter) -> Factors | None:
+    return getattr(p, FACTORS, None)
+
+
+def _outer(factors: Factors) -> torch.Tensor:
+    """The per-sample gradients that a weight's factors stand for."""
+    backprops, activations = factors
+    return backprops.unsqueeze(2) * activations.unsqueeze(1)
+
+
+def _materialize_factors(p: nn.Parameter) -> None:
+    """Turn `p`'s factors into its `grad_sample`, keeping Opacus's processed flag."""
+    factors = getattr(p, FACTORS)
+    delattr(p, FACTORS)
+    p.grad_sample = _outer(factors)
+    if hasattr(factors[1], "_processed"):
+        mark_as_processed(p.grad_sample)
 
 
 def linear_grad_sample(
@@ -144,7 +177,14 @@ class FedgeGradSampleHooks(GradSampleHooks):
     buffer and copy per parameter), and the sampler undoes the mean loss's 1/batch
     on its smallest tensor. Layers used more than once per pass (tied weights), other
     layer types and non-batch-first inputs take Opacus's own path.
+
+    With `factor_linear_weights` set (only for `FedgeDPOptimizer`, which reads them),
+    a Linear weight on 2-D input gets `grad_sample_factors` instead of a
+    `grad_sample`. A second backward pass before `zero_grad` (accumulation)
+    materializes them first, so Opacus's accumulation rules apply as before.
     """
+
+    factor_linear_weights = False
 
     def add_hooks(
         self,
@@ -231,18 +271,41 @@ class FedgeGradSampleHooks(GradSampleHooks):
             return
         (x,) = activations.pop()
         grad_out = forward_output[0].detach()
+        x = x.to(grad_out.dtype)
         # a mean loss scales each example's gradient by 1/batch; the sampler undoes it
         scale = float(x.shape[0]) if loss_reduction == "mean" else 1.0
-        for parameter, sample in sampler(module, x.to(grad_out.dtype), grad_out, scale).items():
+        factored = None
+        if sampler is linear_grad_sample and self.factor_linear_weights and _wants(module.weight):
+            factored = module.weight
+            if _factors(factored) is not None:  # accumulation: Opacus's rules, materialized
+                _materialize_factors(factored)
+            if factored.grad_sample is not None:
+                factored = None
+        if factored is None:
+            samples = sampler(module, x, grad_out, scale)
+        else:
+            backprops = grad_out * scale
+            setattr(factored, FACTORS, (backprops, x))
+            samples = {module.bias: backprops} if _wants(module.bias) else {}
+        for parameter, sample in samples.items():
             parameter._current_grad_sample = sample
         for parameter in parameters:
             parameter._forward_counter -= 1
+            if parameter is factored:
+                continue
             promote_current_grad_sample(parameter)
             if not self.grad_accumulation_allowed and isinstance(parameter.grad_sample, list):
                 raise ValueError(
                     "Poisson sampling is not compatible with grad accumulation. "
                     "Call optimizer.step() after every forward/backward pass."
                 )
+
+    def cleanup(self) -> None:
+        """Opacus's cleanup, which also drops the factors."""
+        super().cleanup()
+        for p in self._module.parameters():
+            if hasattr(p, FACTORS):
+                delattr(p, FACTORS)
 
 
 class FedgeDPOptimizer(DPOptimizer):
@@ -255,29 +318,97 @@ class FedgeDPOptimizer(DPOptimizer):
     size times the accumulated iterations. The noise for all parameters is drawn
     in one call, so its values differ from Opacus's for the same generator seed,
     but not its distribution. Secure mode takes Opacus's path.
+
+    Weights whose hooks left `grad_sample_factors` (see `FedgeGradSampleHooks`) are
+    clipped from the factors; every Opacus method that reads per-sample gradients
+    sees them materialized.
     """
 
+    def _get_flat_grad_sample(self, p: torch.Tensor) -> torch.Tensor:
+        """Opacus's, with a factored weight's per-sample gradients materialized."""
+        factors = _factors(p)
+        return super()._get_flat_grad_sample(p) if factors is None else _outer(factors)
+
+    @property
+    def accumulated_iterations(self) -> int:
+        """Backward passes since `zero_grad`; factors always stand for exactly one."""
+        counts = set()
+        for p in self.params:
+            sample = getattr(p, "grad_sample", None)
+            if _factors(p) is not None or isinstance(sample, torch.Tensor):
+                counts.add(1)
+            elif isinstance(sample, list):
+                counts.add(len(sample))
+            else:
+                raise ValueError(f"Unexpected grad_sample type: {type(sample)}")
+        if len(counts) > 1:
+            raise ValueError("Number of accumulated steps is inconsistent across parameters")
+        return counts.pop()
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Opacus's zero_grad, which also drops the factors: none may reach the next step."""
+        for p in self.params:
+            if hasattr(p, FACTORS):
+                delattr(p, FACTORS)
+        super().zero_grad(set_to_none)
+
+    def pre_step(self, closure: Any = None) -> bool:
+        """Opacus's pre_step, without materializing all per-sample gradients to count them."""
+        if not self.params:
+            return True
+        self.clip_and_accumulate()
+        if self._check_skip_next_step():
+            self._is_last_step_skipped = True
+            return False
+        self.add_noise()
+        self.scale_grad()
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        return True
+
     def clip_and_accumulate(self) -> None:
-        """Clip each example's gradient and add the clipped sum to `p.summed_grad`."""
+        """Clip each example's gradient and add the clipped sum to `p.summed_grad`.
+
+        A weight with factors (B, A) adds |b_i| |a_i| (its gradient's norm) to example
+        i's norm and (c * B)^T A (its clipped sum) to the summed gradient.
+        """
         params = self.params
-        samples = [self._get_flat_grad_sample(p) for p in params]
-        if len(samples[0]) == 0:
+        factors = [_factors(p) for p in params]
+        # no factors are stored for an empty batch, which gets Opacus's zero clip factors
+        if factors[0] is None and len(self._get_flat_grad_sample(params[0])) == 0:
             super().clip_and_accumulate()
             return
-        flat = [
-            sample.reshape(len(sample), -1).to(p.dtype)
-            for p, sample in zip(params, samples, strict=True)
-        ]
-        per_param = torch.stack([torch.linalg.vector_norm(f, dim=1) for f in flat], dim=1)
-        factor = (self.max_grad_norm / (per_param.norm(2, dim=1) + 1e-6)).clamp(max=1.0)
-        for p, f in zip(params, flat, strict=True):
-            check_processed_flag(p.grad_sample)
-            grad = (factor.to(f.dtype) @ f).view(p.shape)
+        terms: list[torch.Tensor | Factors] = []
+        norms = []
+        for p, pair in zip(params, factors, strict=True):
+            if pair is None:
+                sample = self._get_flat_grad_sample(p)
+                flat = sample.reshape(len(sample), -1).to(p.dtype)
+                terms.append(flat)
+                norms.append(torch.linalg.vector_norm(flat, dim=1))
+            else:
+                backprops, activations = (t.to(p.dtype) for t in pair)
+                terms.append((backprops, activations))
+                norms.append(
+                    torch.linalg.vector_norm(backprops, dim=1)
+                    * torch.linalg.vector_norm(activations, dim=1)
+                )
+        per_example = torch.stack(norms, dim=1).norm(2, dim=1)
+        factor = (self.max_grad_norm / (per_example + 1e-6)).clamp(max=1.0)
+        for p, pair, term in zip(params, factors, terms, strict=True):
+            flag = p.grad_sample if pair is None else pair[1]
+            check_processed_flag(flag)
+            if isinstance(term, torch.Tensor):
+                grad = (factor.to(term.dtype) @ term).view(p.shape)
+            else:
+                backprops, activations = term
+                grad = (backprops * factor.to(p.dtype).unsqueeze(1)).t() @ activations
             if p.summed_grad is not None:
                 p.summed_grad += grad
             else:
                 p.summed_grad = grad
-            mark_as_processed(p.grad_sample)
+            mark_as_processed(flag)
 
     def add_noise(self) -> None:
         """Set `p.grad` to `p.summed_grad` plus Gaussian noise, drawn in one call."""
@@ -314,6 +445,14 @@ class FedgePrivacyEngine(PrivacyEngine):
 
     Other modes and clipping rules fall back to Opacus's classes.
     """
+
+    def make_private(self, **kwargs: Any) -> Any:
+        """Opacus's make_private; Linear weights keep factors if fedge's optimizer clips."""
+        prepared = super().make_private(**kwargs)
+        hooks, optimizer = prepared[0], prepared[1]
+        if isinstance(hooks, FedgeGradSampleHooks) and isinstance(optimizer, FedgeDPOptimizer):
+            hooks.factor_linear_weights = True
+        return prepared
 
     def _prepare_model(self, module: nn.Module, **kwargs: Any) -> Any:
         if kwargs.get("wrap_model", True) or kwargs.get("grad_sample_mode", "hooks") != "hooks":
