@@ -311,3 +311,42 @@ def test_engine_factors_only_for_fedge_optimizer(clipping: str, factored: bool) 
     assert all(hasattr(p, FACTORS) == factored for p in _linear_weights(model))
     optimizer.step()
     hooks.cleanup()
+
+
+class _Mixed(nn.Module):
+    """A Linear on 3-D input, one used twice, and one that can be factored."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sequence = nn.Linear(4, 5)
+        self.tied = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.sequence(x)).mean(1)
+        return self.out(torch.tanh(self.tied(torch.tanh(self.tied(hidden)))))
+
+
+def test_only_single_use_linears_on_2d_input_are_factored() -> None:
+    x = torch.randn(BATCH, 3, 4, generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 3, (BATCH,), generator=torch.Generator().manual_seed(3))
+    results = []
+    for stock in (True, False):
+        torch.manual_seed(0)
+        model = _Mixed()
+        hooks = (GradSampleHooks if stock else FedgeGradSampleHooks)(model)
+        hooks.factor_linear_weights = not stock
+        optimizer = (DPOptimizer if stock else FedgeDPOptimizer)(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            noise_multiplier=0.0,
+            max_grad_norm=0.05,
+            expected_batch_size=BATCH,
+        )
+        nn.functional.cross_entropy(model(x), y).backward()
+        if not stock:
+            factored = [hasattr(m.weight, FACTORS) for m in (model.sequence, model.tied, model.out)]
+            assert factored == [False, False, True]
+        optimizer.pre_step()
+        results.append([p.grad.clone() for p in model.parameters()])
+        hooks.cleanup()
+    _assert_close(results[1], results[0])
