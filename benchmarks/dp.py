@@ -35,7 +35,8 @@ Two measurements, printed as one JSON object on stdout:
    median <= 2. Each step is also split into phases (zero_grad, forward, backward,
    step), with its CPU time and minor page faults. Also one client's whole local round
    (`train_locally`) with DP-SGD on vs off; with `--profile` the time per private
-   step in Opacus's pieces (hooks, per-layer grad samplers, clipping, noise); and
+   step in its DP pieces (hooks, per-layer grad samplers, clipping, noise: Opacus's
+   and fedge's own faster ones); and
    with `--opacus-modes` the ratio for each of Opacus's per-sample-gradient modes
    (hooks, ew, ghost, functorch).
 
@@ -47,11 +48,13 @@ step timing only).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import itertools
 import json
 import logging
 import math
+import os
 import pstats
 import resource
 import statistics
@@ -59,6 +62,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +75,7 @@ from report import finish, machine, with_run_config
 from torch import nn
 
 from fedge.client_app.local_data import LocalData
+from fedge.client_app.local_ledger import STATE_DIR_ENV
 from fedge.client_app.torch_client import train_locally
 from fedge.config import FedgeConfig
 from fedge.data import client_split
@@ -221,6 +226,25 @@ def central_table(
     return list(_RESULTS)
 
 
+@contextlib.contextmanager
+def node_state_dir(path: Path) -> Iterator[None]:
+    """Nodes keep their local-DP ledgers in `path` while the block runs.
+
+    A node's ε carries over between runs on the same data (by design), so each
+    variant needs its own folder, or a later target's ε would include the earlier
+    runs' steps.
+    """
+    previous = os.environ.get(STATE_DIR_ENV)
+    os.environ[STATE_DIR_ENV] = str(path)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[STATE_DIR_ENV]
+        else:
+            os.environ[STATE_DIR_ENV] = previous
+
+
 def local_row(base: dict[str, Any], clients: int, target: float, out_dir: str) -> dict[str, Any]:
     """One simulation with Opacus DP-SGD in every client, σ_local for `target`."""
     batches = batches_per_client(base, clients)
@@ -239,7 +263,8 @@ def local_row(base: dict[str, Any], clients: int, target: float, out_dir: str) -
         "dp-delta": DELTA,
     }
     start = time.perf_counter()
-    run_inprocess(config, clients)
+    with node_state_dir(Path(out_dir) / name / "node-state"):
+        run_inprocess(config, clients)
     result = {
         "variant": "local",
         "target_epsilon": target,
@@ -283,20 +308,33 @@ def aggregate_table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 PHASES = ("zero_grad", "forward", "backward", "step")
-# Opacus functions whose cumulative time `--profile` reports, in step order
-OPACUS_PROFILED = (
-    "capture_activations_hook",
-    "capture_backprops_hook",
-    "rearrange_grad_samples",
-    "compute_conv_grad_sample",
-    "compute_group_norm_grad_sample",
-    "compute_linear_grad_sample",
-    "create_or_accumulate_grad_sample",
-    "clip_and_accumulate",
-    "add_noise",
-    "scale_grad",
-    "zero_grad",
-)
+# Functions whose cumulative time `--profile` reports, by the file they live in:
+# Opacus's, and fedge's faster per-sample paths (fedge/privacy/_per_sample.py)
+PROFILED = {
+    "opacus": (
+        "capture_activations_hook",
+        "capture_backprops_hook",
+        "compute_conv_grad_sample",
+        "compute_group_norm_grad_sample",
+        "compute_linear_grad_sample",
+        "create_or_accumulate_grad_sample",
+        "clip_and_accumulate",
+        "add_noise",
+        "scale_grad",
+        "zero_grad",
+    ),
+    "_per_sample": (
+        "_capture_and_watch",
+        "capture_backprops_hook",
+        "conv2d_grad_sample",
+        "group_norm_grad_sample",
+        "linear_grad_sample",
+        "clip_and_accumulate",
+        "add_noise",
+        "scale_grad",
+        "zero_grad",
+    ),
+}
 
 
 def digits_steps(seed: int) -> tuple[Any, Any, Any]:
@@ -412,11 +450,12 @@ def step_timing(repeats: int, threads: int, seed: int) -> dict[str, Any]:
         torch.set_num_threads(previous_threads)
 
 
-def opacus_profile(steps: int, seed: int) -> dict[str, float]:
-    """Milliseconds per private step in each of OPACUS_PROFILED (cProfile, 1 thread).
+def private_step_profile(steps: int, seed: int) -> dict[str, float]:
+    """Milliseconds per private step in each of PROFILED (cProfile, 1 thread).
 
-    Cumulative times, so nested entries overlap (the grad samplers run inside
-    `capture_backprops_hook`); cProfile's own overhead inflates them a little.
+    Keys are "<file>.<function>". Cumulative times, so nested entries overlap (the
+    grad samplers run inside `capture_backprops_hook`); cProfile's own overhead
+    inflates them a little.
     """
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -432,17 +471,19 @@ def opacus_profile(steps: int, seed: int) -> dict[str, float]:
         close()
     finally:
         torch.set_num_threads(previous_threads)
-    totals = dict.fromkeys(OPACUS_PROFILED, 0.0)
+    totals = {f"{where}.{name}": 0.0 for where, names in PROFILED.items() for name in names}
     for (filename, _, function), (*_, cumulative, _) in pstats.Stats(profiler).stats.items():
-        if function in totals and "opacus" in filename:
-            totals[function] += cumulative
-    return {name: round(total / steps * 1000, 3) for name, total in totals.items()}
+        for where in PROFILED:
+            key = f"{where}.{function}"
+            if where in filename and key in totals:
+                totals[key] += cumulative
+    return {name: round(total / steps * 1000, 3) for name, total in totals.items() if total}
 
 
 def opacus_modes(repeats: int, seed: int) -> dict[str, float]:
     """DP-SGD/plain step-time ratio for each of Opacus's per-sample-gradient modes.
 
-    Built with Opacus's own `PrivacyEngine` (fedge's `make_local_dp` uses `hooks`),
+    Built with Opacus's own `PrivacyEngine` (fedge's `make_local_dp` builds on `hooks`),
     same model, batch and optimizer as `step_timing`, 1 thread, alternated.
     """
     from opacus import PrivacyEngine
@@ -557,7 +598,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--opacus-modes", action="store_true", help="also time Opacus's other grad-sample modes"
     )
     parser.add_argument(
-        "--profile", action="store_true", help="also profile Opacus's parts of the private step"
+        "--profile", action="store_true", help="also profile the private step's DP parts"
     )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", type=Path, help="also write the JSON here")
@@ -577,7 +618,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["local_round_time"] = local_round_timing(max(10, args.step_repeats // 10), args.seed)
     torch.set_num_threads(threads)
     if args.profile:
-        report["opacus_profile_ms_per_step"] = opacus_profile(args.step_repeats, args.seed)
+        report["private_step_profile_ms_per_step"] = private_step_profile(
+            args.step_repeats, args.seed
+        )
     if args.opacus_modes:
         report["opacus_mode_step_ratio"] = opacus_modes(args.step_repeats // 2, args.seed)
     if not args.skip_accuracy:
