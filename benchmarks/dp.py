@@ -48,7 +48,6 @@ step timing only).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import itertools
 import json
@@ -62,9 +61,9 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
@@ -226,25 +225,6 @@ def central_table(
     return list(_RESULTS)
 
 
-@contextlib.contextmanager
-def node_state_dir(path: Path) -> Iterator[None]:
-    """Nodes keep their local-DP ledgers in `path` while the block runs.
-
-    A node's ε carries over between runs on the same data (by design), so each
-    variant needs its own folder, or a later target's ε would include the earlier
-    runs' steps.
-    """
-    previous = os.environ.get(STATE_DIR_ENV)
-    os.environ[STATE_DIR_ENV] = str(path)
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[STATE_DIR_ENV]
-        else:
-            os.environ[STATE_DIR_ENV] = previous
-
-
 def local_row(base: dict[str, Any], clients: int, target: float, out_dir: str) -> dict[str, Any]:
     """One simulation with Opacus DP-SGD in every client, σ_local for `target`."""
     batches = batches_per_client(base, clients)
@@ -263,7 +243,9 @@ def local_row(base: dict[str, Any], clients: int, target: float, out_dir: str) -
         "dp-delta": DELTA,
     }
     start = time.perf_counter()
-    with node_state_dir(Path(out_dir) / name / "node-state"):
+    # A node's ε carries over between runs on the same data (by design): each variant
+    # gets its own ledger folder, or a later target's ε would include earlier runs' steps.
+    with mock.patch.dict(os.environ, {STATE_DIR_ENV: str(Path(out_dir) / name / "node-state")}):
         run_inprocess(config, clients)
     result = {
         "variant": "local",

@@ -25,7 +25,6 @@ from fedge.secagg.crypto import (
     Masker,
     decrypt_share,
     encrypt_share,
-    public_key,
     seed_commitment,
 )
 from fedge.secagg.errors import ProtocolError, SecAggAbort
@@ -69,21 +68,6 @@ class RoundKeys:
     enc_private: bytes  # X25519 key for share encryption
     mask_private: bytes  # X25519 key for pairwise masks (secret-shared)
     seed: bytes  # self-mask seed b (secret-shared)
-
-    @classmethod
-    def fresh(cls, node_id: int, round_seed: bytes) -> RoundKeys:
-        if len(round_seed) < MIN_ROUND_SEED_BYTES:
-            raise ProtocolError(f"round_seed must have at least {MIN_ROUND_SEED_BYTES} bytes")
-        return cls(node_id, round_seed, KeyPair().private, KeyPair().private, os.urandom(KEY_BYTES))
-
-    def advertisement(self) -> Payload:
-        """The public keys and the seed commitment: the SETUP reply."""
-        return {
-            STAGE_KEY: Stage.SETUP.value,
-            "pk_enc": public_key(self.enc_private),
-            "pk_mask": public_key(self.mask_private),
-            "seed_commitment": seed_commitment(self.seed, self.node_id, self.round_seed),
-        }
 
     def to_dict(self) -> StateDict:
         """The keys as one bytes entry, like `ClientState.to_dict`."""
@@ -264,8 +248,18 @@ def client_setup(node_id: int, payload: Mapping[str, object]) -> tuple[RoundKeys
     expect_stage(payload, Stage.SETUP)
     if read_int(payload, "node_id") != node_id:
         raise ProtocolError(f"setup message addressed to another node, not {node_id}")
-    keys = RoundKeys.fresh(node_id, read_bytes(payload, "round_seed"))
-    return keys, keys.advertisement()
+    round_seed = read_bytes(payload, "round_seed")
+    if len(round_seed) < MIN_ROUND_SEED_BYTES:
+        raise ProtocolError(f"round_seed must have at least {MIN_ROUND_SEED_BYTES} bytes")
+    enc, mask = KeyPair(), KeyPair()
+    keys = RoundKeys(node_id, round_seed, enc.private, mask.private, os.urandom(KEY_BYTES))
+    reply: Payload = {
+        STAGE_KEY: Stage.SETUP.value,
+        "pk_enc": enc.public,
+        "pk_mask": mask.public,
+        "seed_commitment": seed_commitment(keys.seed, node_id, round_seed),
+    }
+    return keys, reply
 
 
 def client_share_keys(
@@ -381,14 +375,16 @@ def client_masked_input(
     return state, reply
 
 
-def client_unmask(state: StoredState, payload: Mapping[str, object]) -> tuple[ClientState, Payload]:
+def client_unmask(
+    stored: StoredState, payload: Mapping[str, object]
+) -> tuple[ClientState, Payload]:
     """Reveal seed shares of survivors or key shares of dropped nodes, never both.
 
     Payload: survivors and dropped (ids, disjoint, among the nodes whose shares
     this client holds). Reply: seed_shares and key_shares, aligned with them.
     Answers once per round: the returned state refuses any further request.
     """
-    state = _expect(state, payload, Stage.UNMASK)
+    state = _expect(stored, payload, Stage.UNMASK)
     assert isinstance(state, ClientState)
     me = state.node_id
     survivors = read_ids(payload, "survivors")

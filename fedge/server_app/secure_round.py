@@ -96,22 +96,14 @@ class SecureRound:
         return payloads  # type: ignore[return-value]
 
     def open(
-        self,
-        train_messages: list[Message],
-        num_shares: int,
-        threshold: int,
-        vector_length: int,
-        clip_range: float,
-        max_weight: int,
+        self, train_messages: list[Message], vector_length: int, clip_range: float, max_weight: int
     ) -> list[Message]:
         """Share keys (unless done last round); returns the training messages for the survivors.
 
-        Raises `SecAggAbort` when fewer than `threshold` clients remain.
+        Raises `SecAggAbort` when fewer than the round's threshold of clients remain.
         """
         nodes = [message.metadata.dst_node_id for message in train_messages]
-        server = SecAggServer(
-            nodes, num_shares, threshold, vector_length, clip_range, max_weight, os.urandom(32)
-        )
+        server = self._new_server(nodes, vector_length, clip_range, max_weight)
         if self.keyed is not None and self.keyed.fits(server.params):
             self.server, uploads = self.keyed.server, self.keyed.uploads
             log(INFO, "SecAgg: keys for this round were shared during the last one")
@@ -172,18 +164,20 @@ class SecureRound:
     ) -> Payloads:
         """The next round's server for `nodes`, and their SETUP payloads to nest."""
         try:
-            self.next_server = SecAggServer(
-                nodes,
-                *self.shape(len(nodes)),
-                vector_length,
-                clip_range,
-                max_weight,
-                os.urandom(32),
-            )
+            self.next_server = self._new_server(nodes, vector_length, clip_range, max_weight)
         except ValueError as error:  # e.g. too few clients left for a next round
             log(INFO, "SecAgg: no key sharing ahead of the next round: %s", error)
             return {}
         return self.next_server.setup_payloads()
+
+    def _new_server(
+        self, nodes: list[int], vector_length: int, clip_range: float, max_weight: int
+    ) -> SecAggServer:
+        """A fresh round over `nodes`, shaped by `shape`, with a fresh round seed."""
+        num_shares, threshold = self.shape(len(nodes))
+        return SecAggServer(
+            nodes, num_shares, threshold, vector_length, clip_range, max_weight, os.urandom(32)
+        )
 
     def _advance_next_round(self, stage: Callable[[SecAggServer], Payloads]) -> Payloads:
         """Feed the next round's server one stage; an abort just ends the pipelining."""

@@ -147,15 +147,12 @@ class FedgeAvg(FedAvg):
     def open_secure_round(self, grid: Grid, messages: list[Message]) -> list[Message]:
         """Key exchange before training; an abort skips the round (model unchanged)."""
         assert self.secagg is not None
-        num_shares, threshold = self.secagg.shape(len(messages))
         clip_range, max_weight = self.secagg.encoding(self.privacy)
         secure_round = SecureRound(grid, self.secagg.timeout, self.secagg.shape, self.keyed_round)
         self.keyed_round = None  # used up, whether the round completes or not
         try:
             messages = secure_round.open(
                 messages,
-                num_shares,
-                threshold,
                 sum(value.size for value in self.current_arrays.values()),
                 clip_range,
                 max_weight,
