@@ -106,7 +106,8 @@ class Round:
         if stage is Stage.SHARE_KEYS:
             return client_share_keys(state, payload)
         if stage is Stage.MASKED_INPUT:
-            return client_masked_input(state, payload, self.updates[node], self.weights[node])
+            stage = client_masked_input(state, payload)
+            return stage.state, stage.upload(self.updates[node], self.weights[node])
         return client_unmask(state, payload)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from flwr.app import (
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 from grids import node_contexts
+from numpy.typing import NDArray
 
 from fedge.client_app import app as client_app
 from fedge.client_app import secure_client
@@ -41,7 +43,7 @@ from fedge.client_app.protocol import WEIGHT_KEY
 from fedge.config import FedgeConfig
 from fedge.models import load_model, state_to_numpy
 from fedge.records import MASKED_KEY, SECAGG_PAYLOAD_KEY, NamedArrays, to_array_record
-from fedge.secagg import Stage, quantization_error_bound
+from fedge.secagg import MaskedInput, Stage, quantization_error_bound
 from fedge.server_app.secure_round import SecAggSettings
 from fedge.server_app.strategy import FedgeAvg
 from fedge.simulation import NodeGrid, run_inprocess
@@ -185,6 +187,30 @@ def test_all_clients_round_is_the_weighted_mean_and_reveals_no_update(num_shares
     report = strategy.report
     assert (report.num_sampled, report.num_replies, report.num_rejected) == (7, 7, 0)
     assert report.aggregated
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+@pytest.mark.parametrize(
+    ("min_bytes", "expected_thread"),
+    [(0, "secagg-mask"), (secure_client.BACKGROUND_MASK_BYTES, "MainThread")],
+    ids=["expanded-while-training", "small-masks-inline"],
+)
+def test_masks_expanded_while_training_sum_the_same(
+    monkeypatch: pytest.MonkeyPatch, min_bytes: int, expected_thread: str
+) -> None:
+    monkeypatch.setattr(secure_client, "BACKGROUND_MASK_BYTES", min_bytes)
+    threads: list[str] = []
+    expand = MaskedInput.mask
+
+    def recording_thread(stage: MaskedInput) -> NDArray[np.uint32]:
+        threads.append(threading.current_thread().name)
+        return expand(stage)
+
+    monkeypatch.setattr(MaskedInput, "mask", recording_thread)
+    arrays, _ = train_round(secure_strategy(5), SecAggGrid(NODES))
+    assert_within_quantization(arrays, list(NODES), len(NODES))
+    assert len(threads) == len(NODES)
+    assert all(name.startswith(expected_thread) for name in threads)
 
 
 @pytest.mark.usefixtures("serverapp_identity")

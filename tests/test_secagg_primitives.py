@@ -14,6 +14,7 @@ from fedge.secagg import ProtocolError, Quantizer, SecAggParams, SecAggServer
 from fedge.secagg import quantization_error_bound as error_bound
 from fedge.secagg.crypto import (
     KeyPair,
+    KeystreamBlocks,
     Masker,
     decrypt_share,
     digest,
@@ -21,6 +22,7 @@ from fedge.secagg.crypto import (
     public_key,
     seed_commitment,
 )
+from fedge.secagg.quantize import ENCODE_BLOCK
 from fedge.secagg.shamir import PRIME, SHARE_BYTES, combine, split
 
 FAST = settings(max_examples=60, deadline=None)
@@ -143,6 +145,14 @@ def test_mask_expansion_is_a_deterministic_prefix_stream() -> None:
         masker.expand(b"short")
 
 
+def test_keystream_blocks_continue_one_stream() -> None:
+    blocks = KeystreamBlocks(SEED, 300)
+    read = [blocks.next(count).copy() for count in (300, 1, 299, 100)]
+    assert np.array_equal(np.concatenate(read), Masker(700).expand(SEED))
+    with pytest.raises(ValueError):
+        KeystreamBlocks(b"short", 10)
+
+
 @pytest.mark.parametrize("key", [bytes(32), b"\x01" + bytes(31), bytes(31), b""])
 def test_public_keys_without_a_shared_secret_are_rejected(key: bytes) -> None:
     pair = KeyPair()
@@ -205,6 +215,21 @@ def test_stochastic_rounding_is_unbiased(fraction: float) -> None:
     levels = quantizer.encode(np.full(40_000, value), 1)[:-1].view(np.int32)
     assert set(np.unique(levels)) == {7, 8}
     assert abs(levels.mean() - (7 + fraction)) < 5 * 0.5 / np.sqrt(levels.size)
+
+
+def test_encoding_in_blocks_draws_fresh_randomness_per_block() -> None:
+    """Over several encode blocks (and a ragged last one) rounding stays unbiased
+    and within one step, and no block repeats another's rounding pattern."""
+    quantizer = Quantizer(clip_range=1.0, max_weight=1, num_clients=1000)
+    length = 3 * ENCODE_BLOCK + 123
+    values = np.random.default_rng(3).uniform(-1, 1, length)
+    levels = quantizer.encode(values, 1)[:-1].view(np.int32)
+    exact = values / quantizer.step
+    assert np.all(np.abs(levels - exact) < 1)
+    assert abs(np.mean(levels - exact)) < 5 * 0.5 / np.sqrt(length)
+    ups = quantizer.encode(np.full(length, 7.5 * quantizer.step), 1)[:-1] == 8
+    first, second = ups[:ENCODE_BLOCK], ups[ENCODE_BLOCK : 2 * ENCODE_BLOCK]
+    assert 0.4 < np.mean(first == second) < 0.6
 
 
 def test_values_beyond_the_range_are_clipped() -> None:

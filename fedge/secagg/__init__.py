@@ -52,6 +52,7 @@ See params for the neighbour graph and the threshold rule.
 
 from fedge.secagg.client import (
     ClientState,
+    MaskedInput,
     RoundKeys,
     StoredState,
     client_masked_input,
@@ -69,6 +70,7 @@ from fedge.secagg.server import AggregateResult, SecAggServer
 __all__ = [
     "AggregateResult",
     "ClientState",
+    "MaskedInput",
     "Payload",
     "ProtocolError",
     "Quantizer",

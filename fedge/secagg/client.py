@@ -324,45 +324,77 @@ def client_share_keys(
     return state, reply
 
 
-def client_masked_input(
-    stored: StoredState,
-    payload: Mapping[str, object],
-    update: NDArray[np.floating],
-    weight: int,
-) -> tuple[ClientState, Payload]:
-    """Decrypt the received shares and upload the masked, quantized weight·update.
+@dataclass(frozen=True)
+class MaskedInput:
+    """The MASKED_INPUT stage once the received shares are opened.
 
-    `update` is the flattened, clipped Δ (vector_length floats); `weight` is
-    n_k, capped at max_weight. Payload: senders (ids) and ciphertexts (aligned).
-    Reply: rejected (senders whose ciphertext failed authentication: the server
-    drops them, so no mask is shared with them) and masked (uint32 array of
-    vector_length + 1 entries).
+    The mask does not depend on the update, so a client can expand it (`mask`,
+    most of the stage's work; the cipher releases the GIL) while it trains,
+    then `upload` adds it to the encoded update.
+    """
+
+    state: ClientState  # to store once the upload is sent
+    accepted: tuple[int, ...]  # senders whose shares opened: this client masks with them
+    rejected: tuple[int, ...]  # senders whose ciphertext failed: the server drops them
+
+    @property
+    def mask_bytes(self) -> int:
+        """Keystream that `mask` expands: one vector per mask."""
+        return 4 * (self.state.params.vector_length + 1) * (1 + len(self.accepted))
+
+    def mask(self) -> NDArray[np.uint32]:
+        """The self mask plus the pairwise masks with every accepted sender."""
+        state = self.state
+        total = np.zeros(state.params.vector_length + 1, dtype=np.uint32)
+        masker = Masker(total.size)
+        masker.add(total, state.seed)
+        seeds = dict(zip(state.partners, state.mask_seeds, strict=True))
+        for sender in self.accepted:
+            masker.add_pair(total, seeds[sender], state.node_id, sender)
+        return total
+
+    def upload(
+        self, update: NDArray[np.floating], weight: int, mask: NDArray[np.uint32] | None = None
+    ) -> Payload:
+        """The reply: weight·update quantized, plus `mask` (this stage's `mask()`).
+
+        `update` is the flattened, clipped Δ (vector_length floats); `weight`
+        is n_k, capped at max_weight. The plain encoding never leaves this call.
+        """
+        params = self.state.params
+        if update.shape != (length := params.vector_length,):
+            raise ValueError(f"update must have shape ({length},), got {update.shape}")
+        masked = params.quantizer.encode(update, weight)
+        masked += self.mask() if mask is None else mask
+        return {
+            STAGE_KEY: Stage.MASKED_INPUT.value,
+            "rejected": list(self.rejected),
+            "masked": masked,
+        }
+
+
+def client_masked_input(stored: StoredState, payload: Mapping[str, object]) -> MaskedInput:
+    """Open the received shares; the upload follows from the returned stage.
+
+    Payload: senders (ids) and ciphertexts (aligned). SecAggAbort if fewer
+    share holders than the threshold are left: known before any training.
     """
     state = _expect(stored, payload, Stage.MASKED_INPUT)
     assert isinstance(state, ClientState)
-    me, params = state.node_id, state.params
-    if update.shape != (params.vector_length,):
-        raise ValueError(f"update must have shape ({params.vector_length},), got {update.shape}")
-    encoded = params.quantizer.encode(update, weight)
     senders = read_ids(payload, "senders")
     ciphertexts = read_bytes_list(payload, "ciphertexts", len(senders))
     index = {peer: i for i, peer in enumerate(state.partners)}
     if not set(senders) <= index.keys():
-        raise ProtocolError(f"senders {senders} are not live neighbours of node {me}")
+        raise ProtocolError(f"senders {senders} are not live neighbours of node {state.node_id}")
     accepted: dict[int, tuple[bytes, bytes]] = {}
     for sender, ciphertext in zip(senders, ciphertexts, strict=True):
         shares = _open_shares(state, state.share_keys[index[sender]], sender, ciphertext)
         if shares is not None:
             accepted[sender] = shares
-    if 1 + len(accepted) < params.threshold:
+    if 1 + len(accepted) < state.params.threshold:
         raise SecAggAbort(
-            f"only {1 + len(accepted)} share holders left, threshold {params.threshold}"
+            f"only {1 + len(accepted)} share holders left, threshold {state.params.threshold}"
         )
-    masked = encoded  # masked in place: the plain encoding never leaves this function
-    masker = Masker(masked.size)
-    masker.add(masked, state.seed)
-    for sender in accepted:  # no mask with rejected senders: the server drops them
-        masker.add_pair(masked, state.mask_seeds[index[sender]], me, sender)
     state = replace(
         state,
         next_stage=STAGES.index(Stage.UNMASK),
@@ -370,9 +402,8 @@ def client_masked_input(
         held_seed_shares=state.held_seed_shares + tuple(seed for seed, _ in accepted.values()),
         held_key_shares=state.held_key_shares + tuple(key for _, key in accepted.values()),
     )
-    rejected = [sender for sender in senders if sender not in accepted]
-    reply: Payload = {STAGE_KEY: Stage.MASKED_INPUT.value, "rejected": rejected, "masked": masked}
-    return state, reply
+    rejected = tuple(sender for sender in senders if sender not in accepted)
+    return MaskedInput(state, tuple(accepted), rejected)
 
 
 def client_unmask(

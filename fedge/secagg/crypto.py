@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import (
     X25519PrivateKey,
     X25519PublicKey,
 )
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from numpy.typing import NDArray
@@ -141,16 +141,33 @@ def decrypt_share(
         raise ProtocolError(f"ciphertext from node {sender} failed authentication") from exc
 
 
-def keystream(key: bytes, num_bytes: int) -> bytes:
-    """`num_bytes` of ChaCha20 keystream under the 256-bit `key`.
+def _keystream(key: bytes) -> CipherContext:
+    """The ChaCha20 keystream under the 256-bit `key` (encrypting zeros reads it).
 
     Each key keys exactly one stream, so the all-zero nonce is safe.
     """
     if len(key) != KEY_BYTES:
         raise ValueError(f"keystream key must be {KEY_BYTES} bytes")
-    return (
-        Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(num_bytes))
-    )
+    return Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+
+
+class KeystreamBlocks:
+    """Consecutive blocks of one keystream as uint32s, through one reused buffer.
+
+    For consumers that work block by block: a block small enough to stay in
+    cache saves a round trip through memory per pass over the data.
+    """
+
+    def __init__(self, key: bytes, block_values: int) -> None:
+        self._stream = _keystream(key)
+        self._zeros = memoryview(bytes(4 * block_values))
+        self._buffer = bytearray(4 * block_values)
+        self._values = np.frombuffer(self._buffer, dtype="<u4")
+
+    def next(self, count: int) -> NDArray[np.uint32]:
+        """The next `count` values (at most block_values); the next call overwrites them."""
+        self._stream.update_into(self._zeros[: 4 * count], self._buffer)
+        return self._values[:count]
 
 
 class Masker:
@@ -170,10 +187,7 @@ class Masker:
         A read-only view that the next call overwrites. Each seed keys exactly
         one stream, so the all-zero nonce is safe.
         """
-        if len(seed) != KEY_BYTES:
-            raise ValueError(f"mask seed must be {KEY_BYTES} bytes")
-        cipher = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None)
-        cipher.encryptor().update_into(self._zeros, self._buffer)
+        _keystream(seed).update_into(self._zeros, self._buffer)
         mask = np.frombuffer(self._buffer, dtype="<u4").astype(np.uint32, copy=False)
         mask.flags.writeable = False
         return mask

@@ -24,9 +24,10 @@ from numbers import Integral
 import numpy as np
 from numpy.typing import NDArray
 
-from fedge.secagg.crypto import KEY_BYTES, keystream
+from fedge.secagg.crypto import KEY_BYTES, KeystreamBlocks
 
 MIN_RESOLUTION_BITS = 8
+ENCODE_BLOCK = 1 << 16  # values per block: 1 MiB of float64 temporaries, within L2
 _MAX_SUM = 2**31 - 1
 
 
@@ -78,19 +79,28 @@ class Quantizer:
         if isinstance(weight, bool) or not isinstance(weight, Integral) or weight < 0:
             raise ValueError(f"weight must be a non-negative integer, got {weight!r}")
         capped = min(int(weight), self.max_weight)
-        # In place wherever possible: at model size, each fresh temporary costs
-        # about as much in page faults as the arithmetic itself.
-        scaled = np.clip(update, -self.clip_range, self.clip_range, dtype=np.float64)
-        scaled *= capped / self.step
-        levels = np.floor(scaled)
-        scaled -= levels  # the fractional part: round up with exactly this probability
-        scaled *= 2.0**32
-        levels += _uniform_uint32(scaled.size) < scaled
-        limit = float(self.max_level)
-        np.clip(levels, -limit, limit, out=levels)
-        encoded = np.empty(levels.size + 1, dtype=np.uint32)
-        # integral and within int32, so the cast is exact; two's complement = mod 2^32
-        np.copyto(encoded[:-1].view(np.int32), levels, casting="unsafe")
+        scale, limit = capped / self.step, float(self.max_level)
+        encoded = np.empty(update.size + 1, dtype=np.uint32)
+        levels_out = encoded[:-1].view(np.int32)  # two's complement = mod 2^32
+        # Block by block, so that the float64 temporaries stay in cache: at
+        # model size that halves the time of whole-vector passes.
+        block = min(ENCODE_BLOCK, update.size)
+        uniforms = KeystreamBlocks(os.urandom(KEY_BYTES), block)
+        scaled_block, levels_block = np.empty(block), np.empty(block)
+        for start in range(0, update.size, block):
+            stop = min(start + block, update.size)
+            scaled, levels = scaled_block[: stop - start], levels_block[: stop - start]
+            np.clip(
+                update[start:stop], -self.clip_range, self.clip_range, out=scaled, dtype=np.float64
+            )
+            scaled *= scale
+            np.floor(scaled, out=levels)
+            scaled -= levels  # the fractional part f: round up with this probability,
+            scaled *= 2.0**32  # as u < f·2^32 does for CSPRNG uniforms u (to within 2^-32)
+            levels += uniforms.next(stop - start) < scaled
+            np.clip(levels, -limit, limit, out=levels)
+            # integral and within int32, so the cast is exact
+            np.copyto(levels_out[start:stop], levels, casting="unsafe")
         encoded[-1] = capped
         return encoded
 
@@ -103,14 +113,3 @@ class Quantizer:
 def quantization_error_bound(num_clients: int, max_weight: int, clip_range: float) -> float:
     """Worst-case per-coordinate error of the decoded Σ n_k·Δ_k (inputs within range)."""
     return Quantizer(clip_range, max_weight, num_clients).error_bound
-
-
-def _uniform_uint32(size: int) -> NDArray[np.uint32]:
-    """`size` uniform 32-bit integers from a CSPRNG.
-
-    A ChaCha20 stream under a fresh OS-random key: as unpredictable as reading
-    os.urandom for every value, and several times faster for large vectors.
-    Comparing u < f·2^32 rounds up with probability ⌈f·2^32⌉/2^32, which is f to
-    within 2^-32: a bias far below one quantization step.
-    """
-    return np.frombuffer(keystream(os.urandom(KEY_BYTES), 4 * size), dtype="<u4")
