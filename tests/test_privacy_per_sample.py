@@ -15,6 +15,7 @@ from fedge.privacy._per_sample import (
     FedgeDPOptimizer,
     FedgeGradSampleHooks,
     FedgePrivacyEngine,
+    _outer,
 )
 
 BATCH = 6
@@ -38,22 +39,34 @@ def _per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> li
     return [torch.stack(grads) for grads in zip(*per_example, strict=True)]
 
 
-def _hooked_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, hooks_class: type) -> list:
+def _hooked_grads(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    hooks_class: type,
+    for_fedge_optimizer: bool = False,
+) -> list:
     hooks = hooks_class(model, batch_first=True, loss_reduction="mean")
+    hooks.for_fedge_optimizer = for_fedge_optimizer
     try:
         nn.functional.cross_entropy(model(x), y).backward()
-        return [p.grad_sample.detach().clone() for p in _trainable(model)]
+        return [
+            (p.grad_sample if p.grad_sample is not None else _outer(getattr(p, FACTORS))).clone()
+            for p in _trainable(model)
+        ]
     finally:
         hooks.cleanup()
 
 
 def _check_against_autograd(model: nn.Module, x: torch.Tensor) -> None:
+    """Both with and without the batch gradients that `for_fedge_optimizer` skips."""
     y = torch.randint(0, 3, (len(x),), generator=torch.Generator().manual_seed(1))
     expected = _per_example_grads(model, x, y)
-    actual = _hooked_grads(model, x, y, FedgeGradSampleHooks)
-    for got, want in zip(actual, expected, strict=True):
-        assert got.shape == want.shape
-        assert _relative_error(got, want) < 1e-5
+    for skip in (False, True):
+        actual = _hooked_grads(model, x, y, FedgeGradSampleHooks, for_fedge_optimizer=skip)
+        for got, want in zip(actual, expected, strict=True):
+            assert got.shape == want.shape
+            assert _relative_error(got, want) < 1e-5
 
 
 @pytest.mark.parametrize(
@@ -195,7 +208,7 @@ def _setup(
         (GradSampleHooks, DPOptimizer) if stock else (FedgeGradSampleHooks, FedgeDPOptimizer)
     )
     hooks = hooks_class(model, batch_first=True, loss_reduction="mean")
-    hooks.factor_linear_weights = not stock
+    hooks.for_fedge_optimizer = not stock
     optimizer = optimizer_class(
         torch.optim.SGD(model.parameters(), lr=0.1),
         noise_multiplier=0.0,
@@ -335,7 +348,7 @@ def test_only_single_use_linears_on_2d_input_are_factored() -> None:
         torch.manual_seed(0)
         model = _Mixed()
         hooks = (GradSampleHooks if stock else FedgeGradSampleHooks)(model)
-        hooks.factor_linear_weights = not stock
+        hooks.for_fedge_optimizer = not stock
         optimizer = (DPOptimizer if stock else FedgeDPOptimizer)(
             torch.optim.SGD(model.parameters(), lr=0.1),
             noise_multiplier=0.0,
@@ -350,3 +363,76 @@ def test_only_single_use_linears_on_2d_input_are_factored() -> None:
         results.append([p.grad.clone() for p in model.parameters()])
         hooks.cleanup()
     _assert_close(results[1], results[0])
+
+
+class _InPlaceInput(nn.Module):
+    """Scales its input in place first, as some preprocessing layers do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mul_(2.0))
+
+
+class _Scaled(nn.Module):
+    """A parameter outside fedge's layer types."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * self.scale
+
+
+def _skip_hooks(model: nn.Module) -> FedgeGradSampleHooks:
+    hooks = FedgeGradSampleHooks(model, batch_first=True, loss_reduction="mean")
+    hooks.for_fedge_optimizer = True
+    return hooks
+
+
+def test_batch_gradients_are_skipped_and_the_marks_undone() -> None:
+    model = build_model(ModelSpec("cnn", (1, 8, 8), 10))
+    hooks = _skip_hooks(model)
+    x, y = torch.randn(5, 1, 8, 8), torch.randint(0, 10, (5,))
+    loss = nn.functional.cross_entropy(model(x), y)
+    assert all(p.requires_grad for p in model.parameters())  # restored after forward
+    loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad_sample is not None or hasattr(p, FACTORS) for p in model.parameters())
+    assert not x.requires_grad and x.grad is None  # the caller's tensor is untouched
+
+    def failing_forward(module: nn.Module, args: tuple) -> None:
+        raise RuntimeError("boom")
+
+    handle = model.head.register_forward_pre_hook(failing_forward)
+    with pytest.raises(RuntimeError, match="boom"):
+        model(x)
+    handle.remove()
+    assert all(p.requires_grad for p in model.parameters())  # restored after a raise
+    model.eval()  # no hooks in eval: the model computes batch gradients as usual
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    hooks.cleanup()
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+def test_batch_gradients_kept_for_other_parameters_and_tracked_inputs() -> None:
+    model = _Scaled()
+    hooks = _skip_hooks(model)
+    x, y = torch.randn(5, 4, requires_grad=True), torch.randint(0, 3, (5,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert all(p.grad is not None for p in model.parameters())  # no skipping at all
+    assert x.grad is not None
+    hooks.cleanup()
+
+    torch.manual_seed(0)
+    model = _InPlaceInput()
+    x = torch.randn(BATCH, 4)
+    y = torch.randint(0, 3, (BATCH,))
+    expected = _per_example_grads(model, x.clone(), y)
+    actual = _hooked_grads(model, x, y, FedgeGradSampleHooks, for_fedge_optimizer=True)
+    _assert_close(actual, expected)  # in-place ops on the model's input still work
