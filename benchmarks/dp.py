@@ -312,9 +312,10 @@ PROFILED = {
         "group_norm_grad_sample",
         "linear_grad_sample",
         "clip_and_accumulate",
-        "add_noise",
-        "scale_grad",
+        "add_noise_and_scale",
         "zero_grad",
+        "_skip_batch_grads",
+        "_restore_batch_grads",
     ),
 }
 

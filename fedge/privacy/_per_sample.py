@@ -186,7 +186,7 @@ class FedgeGradSampleHooks(GradSampleHooks):
     - if every parameter belongs to exactly one of fedge's layer types, autograd
       skips the batch gradient of every parameter (DP-SGD replaces it with the
       noised sum of clipped per-sample gradients anyway; on the digits CNN it is
-      about a sixth of a private step). During the model's forward pass the
+      about a tenth of a private step). During the model's forward pass the
       parameters are marked as not requiring a gradient, and a copy of the
       model's input that requires one stands in for it, so each layer's output
       gradient still flows to the hooks; the marks are undone when the forward
