@@ -160,28 +160,32 @@ def test_node_ledger_survives_runs_and_is_per_dataset(tmp_path: Path, monkeypatc
 
 
 def test_private_steps_do_not_page_fault_their_buffers() -> None:
-    """Opacus's per-sample gradients (~5 MB a step here) are reused, not re-faulted.
+    """Per-sample gradients (several MB a step at batch 128) are reused, not re-faulted.
 
-    Without `_keep_freed_memory` glibc maps fresh pages in for them: ~2000 faults a step.
+    Without `_keep_freed_memory` glibc maps fresh pages in for them: 1,100 to 2,600
+    faults a step here at batch 128 (measured), against about 0 with it once the heap
+    has grown to its working size (the first steps, left out, fault while it grows).
     """
     resource = pytest.importorskip("resource")
+    batch = 128
     model = build_model(ModelSpec("cnn", (1, 8, 8), 10))
     generator = torch.Generator().manual_seed(0)
-    features = torch.randn(32, 1, 8, 8, generator=generator)
-    labels = torch.randint(0, 10, (32,), generator=generator)
-    loader = DataLoader(TensorDataset(features, labels), batch_size=32)
+    features = torch.randn(batch, 1, 8, 8, generator=generator)
+    labels = torch.randint(0, 10, (batch,), generator=generator)
+    loader = DataLoader(TensorDataset(features, labels), batch_size=batch)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     with make_local_dp(model, optimizer, loader, noise_multiplier=1.0, max_grad_norm=1.0) as dp:
         if not _keep_freed_memory():
             pytest.skip("allocator tuning is glibc-only")
         faults = []
-        for _ in range(8):
+        for _ in range(16):
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             dp.optimizer.zero_grad()
             nn.functional.cross_entropy(dp.model(features), labels).backward()
             dp.optimizer.step()
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    assert sorted(faults)[len(faults) // 2] < 100, faults
+    measured = sorted(faults[4:])
+    assert measured[len(measured) // 2] < 100, faults
 
 
 def test_fedprox_pulls_dp_sgd_towards_the_global_model() -> None:
