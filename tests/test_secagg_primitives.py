@@ -232,6 +232,11 @@ def test_encoding_in_blocks_draws_fresh_randomness_per_block() -> None:
     assert 0.4 < np.mean(first == second) < 0.6
 
 
+def test_an_empty_update_encodes_only_its_weight() -> None:
+    encoded = Quantizer(clip_range=1.0, max_weight=10, num_clients=10).encode(np.zeros(0), 3)
+    assert encoded.tolist() == [3]
+
+
 def test_values_beyond_the_range_are_clipped() -> None:
     quantizer = Quantizer(clip_range=2.0, max_weight=3, num_clients=10)
     decoded, weight = quantizer.decode(quantizer.encode(np.array([-50.0, 0.5, 50.0]), 3))

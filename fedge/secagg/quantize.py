@@ -84,7 +84,7 @@ class Quantizer:
         levels_out = encoded[:-1].view(np.int32)  # two's complement = mod 2^32
         # Block by block, so that the float64 temporaries stay in cache: at
         # model size that halves the time of whole-vector passes.
-        block = min(ENCODE_BLOCK, update.size)
+        block = max(1, min(ENCODE_BLOCK, update.size))  # an empty update encodes its weight
         uniforms = KeystreamBlocks(os.urandom(KEY_BYTES), block)
         scaled_block, levels_block = np.empty(block), np.empty(block)
         for start in range(0, update.size, block):
