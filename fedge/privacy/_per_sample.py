@@ -205,8 +205,7 @@ class FedgeGradSampleHooks(GradSampleHooks):
     ) -> None:
         """Attach the hooks; Opacus's `add_hooks` except for fedge's layer types."""
         self._layer_parameters: dict[nn.Module, tuple[nn.Parameter, ...]] = {}
-        self._skipped: tuple[nn.Parameter, ...] = ()
-        self._skipped_ids: frozenset[int] = frozenset()
+        self._skipped: dict[int, nn.Parameter] = {}  # by id: tensors do not hash by value
         if force_functorch or not batch_first:
             super().add_hooks(
                 loss_reduction=loss_reduction,
@@ -265,12 +264,10 @@ class FedgeGradSampleHooks(GradSampleHooks):
         # an empty (Poisson) batch or a non-float input keeps Opacus's usual path
         if not inputs or not all(t.is_floating_point() and t.dim() and len(t) for t in inputs):
             return None
-        skipped = tuple(
-            p for params in self._layer_parameters.values() for p in params if p.requires_grad
-        )
-        for p in skipped:
+        layers = self._layer_parameters.values()
+        self._skipped = {id(p): p for params in layers for p in params if p.requires_grad}
+        for p in self._skipped.values():
             p.requires_grad_(False)
-        self._skipped, self._skipped_ids = skipped, frozenset(map(id, skipped))
 
         def tracked(value: Any) -> Any:
             """A copy that requires a gradient (not a leaf, so in-place ops on it work)."""
@@ -282,9 +279,9 @@ class FedgeGradSampleHooks(GradSampleHooks):
 
     def _restore_batch_grads(self, *_: Any) -> None:
         """Forward hook on the model (also when forward raises): undo `_skip_batch_grads`."""
-        for p in self._skipped:
+        for p in self._skipped.values():
             p.requires_grad_(True)
-        self._skipped, self._skipped_ids = (), frozenset()
+        self._skipped = {}
 
     def _capture_and_watch(
         self,
@@ -296,10 +293,8 @@ class FedgeGradSampleHooks(GradSampleHooks):
         """Save the input like Opacus, then hook the output's gradient."""
         if not (self.hooks_enabled and module.training and torch.is_grad_enabled()):
             return
-        skipped = self._skipped_ids
-        wanted = [
-            p for p in self._layer_parameters[module] if p.requires_grad or id(p) in skipped
-        ]
+        skipped = self._skipped
+        wanted = [p for p in self._layer_parameters[module] if p.requires_grad or id(p) in skipped]
         if not wanted:
             return
         if not hasattr(module, "activations"):
