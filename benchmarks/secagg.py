@@ -409,7 +409,7 @@ class FedgeVariant(Variant):
                 "secagg": self.secure,
                 "secagg-num-shares": num_shares,
                 "secagg-threshold": threshold,
-                "secagg-max-weight": MAX_WEIGHT,
+                "max-num-examples": MAX_WEIGHT,
             }
         )
         self.config = config

@@ -71,6 +71,11 @@ class FedgeConfig:
     server_momentum: float = _opt(
         0.0, "server momentum on the aggregated update", low=0, high=1, high_open=True
     )
+    max_num_examples: int = _opt(
+        1000,
+        "public cap on a reply's num-examples (plain and SecAgg); clients report min(n, cap)",
+        low=1,
+    )
     # Data and model
     dataset: str = _opt("digits", "digits, breast-cancer, a folder path, or hf:<id>")
     partitioner: str = _opt(
@@ -109,7 +114,6 @@ class FedgeConfig:
     secagg_threshold: int = _opt(
         0, "shares needed to reconstruct; 0 = about 2/3 of num-shares", low=0
     )
-    secagg_max_weight: int = _opt(1000, "public cap on n_k in the secure weighted sum", low=1)
     secagg_clip_norm: float = _opt(
         10.0, "without DP, clients clip Δ to this L2 norm for quantization", low=0, low_open=True
     )

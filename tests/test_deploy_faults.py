@@ -323,7 +323,7 @@ def recompute_round_1(config: dict[str, Any]) -> Round1:
     The ServerApp's initial model comes from the run's seed (fedge.server_app.app.main);
     each node's training is seeded per (seed, partition, round), so `local_update` on the
     message the node got reproduces its update: Δ_k clipped to secagg-clip-norm, weighted
-    by n_k capped at secagg-max-weight, as the node quantizes it.
+    by n_k capped at max-num-examples, as the node quantizes it.
     """
     cfg = FedgeConfig.from_run_config(config)
     random.seed(cfg.seed)
@@ -344,11 +344,11 @@ def recompute_round_1(config: dict[str, Any]) -> Round1:
         message.content = content
         update, metrics = local_update(message, context, cfg)
         assert update is not None
-        weights[partition] = min(int(metrics[WEIGHT_KEY]), cfg.secagg_max_weight)
+        weights[partition] = min(int(metrics[WEIGHT_KEY]), cfg.max_num_examples)
         weighted[partition] = {
             name: weights[partition] * value.astype(np.float64) for name, value in update.items()
         }
-    bound = quantization_error_bound(NODES, cfg.secagg_max_weight, cfg.secagg_clip_norm)
+    bound = quantization_error_bound(NODES, cfg.max_num_examples, cfg.secagg_clip_norm)
     return Round1(start, weighted, weights, bound)
 
 

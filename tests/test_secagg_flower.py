@@ -446,7 +446,7 @@ def test_secure_round_matches_plain_fedavg_within_quantization(sim_root: Path) -
     # the same float32 model in float64 and round once to float32, so they differ
     # by at most that plus one float32 spacing of the result.
     config = FedgeConfig.from_run_config(SIM_CONFIG)
-    bound = quantization_error_bound(SIM_NODES, config.secagg_max_weight, SIM_CLIP)
+    bound = quantization_error_bound(SIM_NODES, config.max_num_examples, SIM_CLIP)
     tolerance = bound / total_examples()
     assert 0 < tolerance < 1e-4  # tight: any real difference in the sum shows
     assert plain.keys() == secure.keys()

@@ -42,6 +42,11 @@ GLOBAL = _global_arrays()
 HEAD = ("head.weight", "head.bias")
 
 
+def fake_backbone(arrays: NamedArrays) -> bytes:
+    """Stands in for the ONNX export: a run with edge clients broadcasts some backbone."""
+    return b"backbone"
+
+
 def delta(seed: int, names: Iterable[str] = GLOBAL) -> NamedArrays:
     rng = np.random.default_rng(seed)
     return {n: rng.normal(scale=0.1, size=GLOBAL[n].shape).astype(np.float32) for n in names}
@@ -220,7 +225,7 @@ def test_without_momentum_no_velocity_is_kept() -> None:
 
 
 def test_partial_updates_average_only_with_replies_carrying_those_arrays() -> None:
-    strategy = FedgeAvg(server_lr=1.0, min_train_nodes=3)
+    strategy = FedgeAvg(server_lr=1.0, min_train_nodes=3, edge_backbone=fake_backbone)
     start_round(strategy)
     full_a, full_b = delta(1), delta(2)
     head_only = delta(3, HEAD)
@@ -242,7 +247,7 @@ def test_partial_updates_average_only_with_replies_carrying_those_arrays() -> No
 
 
 def test_arrays_no_reply_carries_stay_exactly_as_they_were() -> None:
-    strategy = FedgeAvg(min_train_nodes=2)
+    strategy = FedgeAvg(min_train_nodes=2, edge_backbone=fake_backbone)
     start_round(strategy)
     replies = [
         reply(11, delta(1, HEAD), 5, partial=True),

@@ -12,7 +12,13 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from fedge.client_app.local_data import LocalData, local_data, local_seed
 from fedge.client_app.local_ledger import ledger_path, load_ledger, save_ledger
 from fedge.client_app.privatize import privatize_update
-from fedge.client_app.protocol import DECLINED_KEY, LOCAL_EPSILON_KEY, REPLY_KEY, WEIGHT_KEY
+from fedge.client_app.protocol import (
+    DECLINED_KEY,
+    LOCAL_EPSILON_KEY,
+    REPLY_KEY,
+    WEIGHT_KEY,
+    reported_examples,
+)
 from fedge.config import FedgeConfig
 from fedge.models import build_model, load_numpy_state, state_to_numpy
 from fedge.models.training import evaluate as evaluate_model
@@ -122,7 +128,7 @@ def local_update(
         int(train_config.get("server-round", 0)),
         load_ledger(ledger) if ledger else None,
     )
-    metrics = MetricRecord({WEIGHT_KEY: len(data.y_train)})
+    metrics = MetricRecord({WEIGHT_KEY: reported_examples(len(data.y_train), train_config)})
     if ledger is not None and result.accountant_state is not None:
         save_ledger(ledger, result.accountant_state)
         metrics[LOCAL_EPSILON_KEY] = float(result.local_epsilon or 0.0)

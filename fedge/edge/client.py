@@ -13,7 +13,13 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedge.client_app.local_data import local_data, local_seed
 from fedge.client_app.privatize import privatize_update
-from fedge.client_app.protocol import PARTIAL_KEY, REPLY_KEY, UPDATE_INFO_KEY, WEIGHT_KEY
+from fedge.client_app.protocol import (
+    PARTIAL_KEY,
+    REPLY_KEY,
+    UPDATE_INFO_KEY,
+    WEIGHT_KEY,
+    reported_examples,
+)
 from fedge.config import FedgeConfig
 from fedge.edge.broadcast import BACKBONE_KEY
 from fedge.edge.head import HEAD_BIAS, HEAD_WEIGHT, HeadLearner, extract_features
@@ -71,7 +77,8 @@ def train(msg: Message, context: Context, config: FedgeConfig) -> Message:
         },
         train_config,
     )
-    metrics = MetricRecord({"train-loss": stats["loss_after"], WEIGHT_KEY: len(data.y_train)})
+    weight = reported_examples(len(data.y_train), train_config)
+    metrics = MetricRecord({"train-loss": stats["loss_after"], WEIGHT_KEY: weight})
     metrics.update(privacy_metrics)
     content = RecordDict(
         {

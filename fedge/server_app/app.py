@@ -59,6 +59,7 @@ def build_strategy(config: FedgeConfig, spec: ModelSpec, bundle: DatasetBundle) 
         min_available_nodes=config.min_available_nodes,
         edge_backbone=edge_backbone_exporter(config, spec, bundle),
         secagg=SecAggSettings.from_config(config) if config.secagg else None,
+        max_num_examples=config.max_num_examples,
     )
 
 

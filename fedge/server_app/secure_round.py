@@ -84,15 +84,20 @@ class SecureRound:
         return self.payloads_of(replies, destinations(messages))
 
     @staticmethod
-    def payloads_of(replies: Iterable[Message], sent: Mapping[str, int]) -> Payloads:
-        """Replies as payloads; an error reply is a dropout (the protocol records why)."""
+    def payloads_of(
+        replies: Iterable[Message], sent: Mapping[str, int], masked_length: int | None = None
+    ) -> Payloads:
+        """Replies as payloads; an error reply is a dropout (the protocol records why).
+
+        A masked vector is decoded only where `masked_length` says one is due.
+        """
         payloads = {}
         for reply in replies:
             node = replying_node(reply, sent)
             if reply.has_error():
                 log(WARNING, "SecAgg: node %s failed: %s", node, reply.error.reason)
                 continue
-            payloads[node] = records_to_payload(reply.content)
+            payloads[node] = records_to_payload(reply.content, masked_length)
         return payloads  # type: ignore[return-value]
 
     def open(
@@ -143,7 +148,8 @@ class SecureRound:
         """
         if self.server is None:
             raise RuntimeError("SecureRound.close() called before open()")
-        uploads, next_keys = _split(self.payloads_of(replies, sent))
+        masked_length = self.server.params.vector_length + 1  # the weight entry is last
+        uploads, next_keys = _split(self.payloads_of(replies, sent, masked_length))
         unmask = self.server.receive_masked_inputs(uploads)
         next_shares = self._advance_next_round(lambda server: server.receive_public_keys(next_keys))
         requests = {node: {**unmask[node], **nest(next_shares.get(node, {}))} for node in unmask}
@@ -217,7 +223,7 @@ class SecAggSettings:
         return cls(
             config.secagg_num_shares,
             config.secagg_threshold,
-            config.secagg_max_weight,
+            config.max_num_examples,
             config.secagg_clip_norm,
             config.round_timeout,
         )

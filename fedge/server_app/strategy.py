@@ -7,7 +7,8 @@ Flower's own round loop (`Strategy.start`) drives it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
@@ -20,20 +21,21 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedge.client_app.protocol import (
     CLIP_KEY,
-    DECLINED_KEY,
     LOCAL_EPSILON_KEY,
+    MAX_EXAMPLES_KEY,
     REPLY_KEY,
     UNCLIPPED_KEY,
     WEIGHT_KEY,
 )
 from fedge.edge.broadcast import BACKBONE_KEY
+from fedge.edge.head import HEAD_BIAS, HEAD_WEIGHT
 from fedge.records import NamedArrays, from_array_record, to_array_record, unflatten
 from fedge.secagg import SecAggAbort
 from fedge.server_app.aggregation import apply_update, summed, weighted_mean
 from fedge.server_app.polling import destinations, replying_node
 from fedge.server_app.privacy import ServerPrivacy
 from fedge.server_app.secure_round import KeyedRound, SecAggSettings, SecureRound
-from fedge.server_app.validation import check_reply
+from fedge.server_app.validation import DEFAULT_MAX_NUM_EXAMPLES, CheckedReply, check_reply
 
 
 @dataclass
@@ -54,18 +56,12 @@ class RoundReport:
 
 @dataclass(frozen=True)
 class Accepted:
-    """A validated reply and its update, decoded once."""
+    """A validated reply, decoded once: `content` holds only its checked metrics
+    (what Flower's metric aggregation reads), never the unchecked reply."""
 
     content: RecordDict
     update: NamedArrays
     metrics: MetricRecord
-
-
-def reply_metrics(reply: Message) -> MetricRecord:
-    """The reply's (single) MetricRecord, whatever its name; empty if there is none."""
-    if reply.has_error() or not reply.content.metric_records:
-        return MetricRecord()
-    return next(iter(reply.content.metric_records.values()))
 
 
 class FedgeAvg(FedAvg):
@@ -84,6 +80,7 @@ class FedgeAvg(FedAvg):
         privacy: ServerPrivacy | None = None,
         edge_backbone: Callable[[NamedArrays], bytes] | None = None,
         secagg: SecAggSettings | None = None,
+        max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES,
         **fedavg_kwargs: object,
     ) -> None:
         super().__init__(weighted_by_key=WEIGHT_KEY, **fedavg_kwargs)  # type: ignore[arg-type]
@@ -93,6 +90,11 @@ class FedgeAvg(FedAvg):
         self.privacy = privacy
         self.edge_backbone = edge_backbone
         self.secagg = secagg
+        self.max_num_examples = max_num_examples
+        # Edge clients train only the head; a partial update is accepted from no one else.
+        self.partial_names = (
+            frozenset({HEAD_WEIGHT, HEAD_BIAS}) if edge_backbone is not None else None
+        )
         self.secure_round: SecureRound | None = None
         self.keyed_round: KeyedRound | None = None  # shared keys for the next round
         self.train_messages: list[Message] = []
@@ -110,6 +112,7 @@ class FedgeAvg(FedAvg):
         self.report = RoundReport()
         self.wait_for_nodes(grid)
         config[REPLY_KEY] = "update"
+        config[MAX_EXAMPLES_KEY] = self.max_num_examples
         self.add_edge_backbone(config, self.current_arrays)
         absolute = self.absolute_round(server_round)
         messages = list(super().configure_train(absolute, arrays, config, grid))
@@ -168,35 +171,64 @@ class FedgeAvg(FedAvg):
         if self.edge_backbone is not None:
             config[BACKBONE_KEY] = self.edge_backbone(arrays)
 
-    def checked_update(self, reply: Message) -> tuple[NamedArrays | None, str | None]:
-        """The reply's update if it passes validation (and, under DP, the clip check)."""
-        update, reason = check_reply(reply, self.current_arrays)
-        if update is not None and self.privacy is not None:
-            reason = self.privacy.clip_violation(update)
-        return (update, None) if reason is None else (None, reason)
+    def checked_update(self, reply: Message) -> tuple[CheckedReply | None, str | None]:
+        """The reply if it passes the gate (and, under DP, the clip check), else why not."""
+        checked, reason = check_reply(
+            reply,
+            self.current_arrays,
+            max_num_examples=self.max_num_examples,
+            partial_names=self.partial_names,
+        )
+        if checked is not None and checked.update is not None and self.privacy is not None:
+            reason = self.privacy.clip_violation(checked.update)
+        return (checked, None) if reason is None else (None, reason)
+
+    @staticmethod
+    def origin_violation(
+        reply: Message, node: int, sent: Mapping[str, int], sampled: set[int]
+    ) -> str | None:
+        """Why `reply` is not an answer from a node this round sampled, or None."""
+        if sent and reply.metadata.reply_to_message_id not in sent:
+            return "it answers no training message of this round"
+        if node not in sampled:
+            return "the node was not sampled this round"
+        if not reply.has_error() and reply.metadata.src_node_id != node:
+            return f"sent by node {reply.metadata.src_node_id}, not the node asked"
+        return None
 
     def accepted_replies(self, replies: Iterable[Message]) -> list[Accepted]:
-        """Replies that pass validation; the others are logged with their reason.
+        """Replies that pass the gate; the others are logged and counted with their reason.
 
-        A client past its local privacy budget declines: that is counted, not rejected.
+        Only sampled nodes may answer, once: every reply of a node that answers
+        twice is dropped (keeping the first would let arrival order pick which of
+        two different updates counts). A client past its local privacy budget
+        declines: that is counted, not rejected.
         """
+        replies = list(replies)
         sent = destinations(self.train_messages)
+        sampled = {message.metadata.dst_node_id for message in self.train_messages}
+        nodes = [replying_node(reply, sent) for reply in replies]
+        answers = Counter(nodes)
         accepted = []
-        for reply in replies:
-            node = replying_node(reply, sent)
-            metrics = reply_metrics(reply)
-            if isinstance(metrics.get(LOCAL_EPSILON_KEY), (int, float)):
-                self.report.client_epsilons.append(float(metrics[LOCAL_EPSILON_KEY]))
-            if metrics.get(DECLINED_KEY) == 1:
+        for reply, node in zip(replies, nodes, strict=True):
+            reason = self.origin_violation(reply, node, sent, sampled)
+            if reason is None and answers[node] > 1:
+                reason = f"{answers[node]} replies from one node; all are dropped"
+            checked = None
+            if reason is None:
+                checked, reason = self.checked_update(reply)
+            if checked is None:
+                self.report.rejected[node] = reason or "rejected"
+                log(WARNING, "Dropped reply from node %s: %s", node, reason)
+                continue
+            if LOCAL_EPSILON_KEY in checked.metrics:
+                self.report.client_epsilons.append(float(checked.metrics[LOCAL_EPSILON_KEY]))
+            if checked.update is None:
                 self.report.num_declined += 1
                 log(INFO, "Node %s declined to train: its local privacy budget is spent", node)
                 continue
-            update, reason = self.checked_update(reply)
-            if update is not None:
-                accepted.append(Accepted(reply.content, update, metrics))
-                continue
-            self.report.rejected[node] = reason
-            log(WARNING, "Dropped reply from node %s: %s", node, reason)
+            content = RecordDict({"metrics": checked.metrics})
+            accepted.append(Accepted(content, checked.update, checked.metrics))
         self.report.num_replies = len(accepted)
         self.report.num_rejected = len(self.report.rejected)
         return accepted

@@ -1,68 +1,181 @@
-"""Why a training reply cannot be aggregated, or None if it can.
+"""The reply gate: why a training reply cannot be aggregated, or None if it can.
 
-One bad client must never poison the global model: every reply is checked
-against the global model's names, shapes and dtypes before it is used.
+A client may send anything Flower's wire format carries, so nothing in a reply
+is decoded or used before it is checked, in this order: record layout, metrics
+(types and ranges, with `num-examples` capped by a public limit), array names,
+then every Array's stype, dtype, shape and byte length against the global model
+(`fedge.records.checked_arrays`), and only then the values (finite). Any failure
+is a reason string, never an exception, so one client cannot end a round.
+Which nodes may reply at all is the strategy's business (it knows the round).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message, MetricRecord
 
-from fedge.client_app.protocol import PARTIAL_KEY, UPDATE_INFO_KEY, WEIGHT_KEY
-from fedge.records import NamedArrays, from_array_record
+from fedge.client_app.protocol import (
+    DECLINED_KEY,
+    LOCAL_EPSILON_KEY,
+    LOSS_KEY,
+    PARTIAL_KEY,
+    UNCLIPPED_KEY,
+    UPDATE_INFO_KEY,
+    WEIGHT_KEY,
+)
+from fedge.records import NamedArrays, RejectedArray, checked_arrays, untrusted_repr
+
+DEFAULT_MAX_NUM_EXAMPLES = 1000
 
 
-def check_reply(reply: Message, reference: NamedArrays) -> tuple[NamedArrays | None, str | None]:
-    """(the decoded update, None) if the reply can be aggregated, else (None, why).
+@dataclass(frozen=True)
+class CheckedReply:
+    """What survives the gate: the decoded update (None if the node declined) and
+    its metrics, reduced to the known keys, each within its range."""
 
-    Decoding happens once here, so callers reuse the arrays instead of decoding again.
-    """
-    if reply.has_error():
-        return None, f"client error: {reply.error.reason}"
-    content = reply.content
-    if len(content.array_records) != 1:
-        return None, f"expected one ArrayRecord, got {len(content.array_records)}"
-    if len(content.metric_records) != 1:
-        return None, f"expected one MetricRecord, got {len(content.metric_records)}"
-    metrics = next(iter(content.metric_records.values()))
+    update: NamedArrays | None
+    metrics: MetricRecord
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value: object) -> bool:
+    """A finite int or float; huge ints, bools, lists and strings are not."""
+    if not (_is_int(value) or isinstance(value, float)):
+        return False
+    try:
+        return math.isfinite(float(value))  # type: ignore[arg-type]
+    except OverflowError:
+        return False
+
+
+def _flag(value: object) -> bool:
+    return _is_int(value) and value in (0, 1)
+
+
+OPTIONAL_METRICS: dict[str, tuple[Callable[[object], bool], str]] = {
+    LOSS_KEY: (_finite, "a finite number"),
+    UNCLIPPED_KEY: (_flag, "0 or 1"),
+    DECLINED_KEY: (_flag, "0 or 1"),
+    LOCAL_EPSILON_KEY: (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),  # type: ignore[operator]
+}
+"""Reply metrics fedge reads, with their ranges; any other key is ignored, never aggregated."""
+
+
+def checked_metrics(
+    metrics: MetricRecord, max_num_examples: int
+) -> tuple[MetricRecord, str | None]:
+    """(the known metrics, None) if all are in range, else (empty, why)."""
     weight = metrics.get(WEIGHT_KEY)
-    if weight is None:
-        return None, f"missing '{WEIGHT_KEY}' in metrics"
-    if isinstance(weight, list) or not np.isfinite(weight) or weight <= 0:
-        return None, f"'{WEIGHT_KEY}' must be a positive number, got {weight!r}"
-    arrays = from_array_record(next(iter(content.array_records.values())))
-    reason = arrays_rejection_reason(arrays, reference, partial=is_partial(reply))
-    return (None, reason) if reason else (arrays, None)
+    if not (_is_int(weight) and 1 <= weight <= max_num_examples):  # type: ignore[operator]
+        return MetricRecord(), (
+            f"'{WEIGHT_KEY}' must be an integer in [1, {max_num_examples}] "
+            f"(max-num-examples), got {untrusted_repr(weight)}"
+        )
+    kept = MetricRecord({WEIGHT_KEY: weight})  # type: ignore[dict-item]
+    for key, (valid, accepted) in OPTIONAL_METRICS.items():
+        if key not in metrics:
+            continue
+        value = metrics[key]
+        if not valid(value):
+            return MetricRecord(), f"'{key}' must be {accepted}, got {untrusted_repr(value)}"
+        kept[key] = value
+    return kept, None
 
 
-def rejection_reason(reply: Message, reference: NamedArrays) -> str | None:
-    """Why `reply` cannot be aggregated against `reference` (the global model), or None."""
-    return check_reply(reply, reference)[1]
+def _layout(reply: Message) -> tuple[MetricRecord | None, bool, str | None]:
+    """(its MetricRecord, whether it claims a partial update, None) or (None, False, why)."""
+    content = reply.content
+    if len(content.metric_records) != 1:
+        return None, False, f"expected one MetricRecord, got {len(content.metric_records)}"
+    configs = dict(content.config_records)
+    info = configs.pop(UPDATE_INFO_KEY, None)
+    if configs:
+        return None, False, f"unexpected ConfigRecords {sorted(map(untrusted_repr, configs))[:3]}"
+    if info is not None and (len(info) != 1 or info.get(PARTIAL_KEY) is not True):
+        return None, False, f"'{UPDATE_INFO_KEY}' must be {{{PARTIAL_KEY!r}: True}}"
+    return next(iter(content.metric_records.values())), info is not None, None
 
 
-def is_partial(reply: Message) -> bool:
-    info = reply.content.config_records.get(UPDATE_INFO_KEY)
-    return bool(info is not None and info.get(PARTIAL_KEY) is True)
-
-
-def arrays_rejection_reason(
-    arrays: NamedArrays, reference: NamedArrays, partial: bool = False
+def _names_reason(
+    names: set[str], reference: NamedArrays, partial: bool, partial_names: frozenset[str] | None
 ) -> str | None:
-    if not arrays:
+    """Why an update with these array names cannot be aggregated, or None."""
+    if not names:
         return "the update holds no arrays"
-    missing = sorted(set(reference) - set(arrays))
+    unknown = sorted(names - set(reference))
+    if unknown:
+        shown = [untrusted_repr(name) for name in unknown[:3]]
+        return f"unknown arrays {shown}{'…' if len(unknown) > 3 else ''}"
+    if partial and partial_names is None:
+        return "a partial update, but this run has no edge clients (no backbone is broadcast)"
+    if partial and names != partial_names:
+        return f"a partial update must hold exactly {sorted(partial_names or ())}"
+    missing = sorted(set(reference) - names)
     if missing and not partial:
         return f"missing arrays {missing[:3]}{'…' if len(missing) > 3 else ''}"
-    unknown = sorted(set(arrays) - set(reference))
-    if unknown:
-        return f"unknown arrays {unknown[:3]}{'…' if len(unknown) > 3 else ''}"
-    for name, value in arrays.items():
-        expected = reference[name]
-        if value.shape != expected.shape:
-            return f"array {name!r} has shape {value.shape}, expected {expected.shape}"
-        if value.dtype != expected.dtype:
-            return f"array {name!r} has dtype {value.dtype}, expected {expected.dtype}"
-        if not np.isfinite(value).all():
-            return f"array {name!r} contains NaN or Inf"
     return None
+
+
+def checked_update(
+    record: ArrayRecord,
+    reference: NamedArrays,
+    partial: bool = False,
+    partial_names: frozenset[str] | None = None,
+) -> tuple[NamedArrays | None, str | None]:
+    """(the decoded update, None) if `record` passes every check, else (None, why)."""
+    names = set(record)
+    reason = _names_reason(names, reference, partial, partial_names)
+    if reason is not None:
+        return None, reason
+    try:
+        arrays = checked_arrays(record, {name: reference[name] for name in names})
+    except RejectedArray as why:
+        return None, str(why)
+    for name, value in arrays.items():
+        if not np.isfinite(value).all():
+            return None, f"array {name!r} contains NaN or Inf"
+    return arrays, None
+
+
+def check_reply(
+    reply: Message,
+    reference: NamedArrays,
+    *,
+    max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES,
+    partial_names: frozenset[str] | None = None,
+) -> tuple[CheckedReply | None, str | None]:
+    """(the checked reply, None) if it can be used against `reference`, else (None, why).
+
+    `partial_names`: the arrays edge clients train, or None when the run has no
+    edge clients (then no partial update is accepted). A declined reply (local
+    privacy budget spent) carries no arrays and comes back with update None.
+    """
+    if reply.has_error():
+        return None, f"client error: {untrusted_repr(reply.error.reason, 200)}"
+    metric_record, partial, reason = _layout(reply)
+    if metric_record is None:
+        return None, reason
+    metrics, reason = checked_metrics(metric_record, max_num_examples)
+    if reason is not None:
+        return None, reason
+    records = list(reply.content.array_records.values())
+    if metrics.get(DECLINED_KEY) == 1:
+        if records or partial:
+            return None, "a declined reply must carry no update"
+        return CheckedReply(None, metrics), None
+    if len(records) != 1:
+        return None, f"expected one ArrayRecord, got {len(records)}"
+    update, reason = checked_update(records[0], reference, partial, partial_names)
+    return (None, reason) if update is None else (CheckedReply(update, metrics), None)
+
+
+def rejection_reason(reply: Message, reference: NamedArrays, **rules: object) -> str | None:
+    """Why `reply` cannot be aggregated against `reference` (the global model), or None."""
+    return check_reply(reply, reference, **rules)[1]  # type: ignore[arg-type]
