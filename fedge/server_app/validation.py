@@ -111,8 +111,8 @@ def _names_reason(
         return "the update holds no arrays"
     unknown = sorted(names - set(reference))
     if unknown:
-        shown = [untrusted_repr(name) for name in unknown[:3]]
-        return f"unknown arrays {shown}{'…' if len(unknown) > 3 else ''}"
+        shown = ", ".join(untrusted_repr(name) for name in unknown[:3])
+        return f"unknown arrays {shown}{', …' if len(unknown) > 3 else ''}"
     if partial and partial_names is None:
         return "a partial update, but this run has no edge clients (no backbone is broadcast)"
     if partial and names != partial_names:
