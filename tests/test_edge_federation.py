@@ -23,6 +23,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.common import MessageType
+from flwr.supercore.task_identity import TaskIdentity
 
 from fedge.client_app.local_data import local_data
 from fedge.client_app.protocol import REPLY_KEY
@@ -35,7 +36,7 @@ from fedge.models import ModelSpec, build_model, state_to_numpy
 from fedge.records import NamedArrays, from_array_record, to_array_record
 from fedge.server_app.strategy import FedgeAvg
 from fedge.server_app.validation import PARTIAL_KEY, WEIGHT_KEY, rejection_reason
-from fedge.simulation import run_inprocess
+from fedge.simulation import NodeGrid, run_inprocess
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = ModelSpec("cnn", (1, 8, 8), 10)  # digits
@@ -94,14 +95,19 @@ def _context(config: FedgeConfig, partition: int = EDGE_PARTITION) -> Context:
     )
 
 
-def _instruction(arrays: NamedArrays, config: dict, kind: str = MessageType.TRAIN) -> Message:
+def _instruction(
+    arrays: NamedArrays,
+    config: dict,
+    kind: str = MessageType.TRAIN,
+    node: int = EDGE_PARTITION + 1,
+) -> Message:
     """A server message as FedgeAvg sends it, built without a running SuperLink."""
     content = RecordDict({"arrays": to_array_record(arrays), "config": ConfigRecord(config)})
     metadata = Metadata(
         run_id=0,
         message_id=f"{kind}-1",
         src_node_id=0,
-        dst_node_id=EDGE_PARTITION + 1,
+        dst_node_id=node,
         reply_to_message_id="",
         group_id="1",
         created_at=time.time(),
@@ -160,7 +166,9 @@ def test_edge_update_changes_the_head_and_lowers_local_loss() -> None:
     msg = _instruction(arrays, _edge_round(arrays))
     reply = edge_client.train(msg, context, config)
 
-    assert rejection_reason(reply, arrays) is None
+    assert (
+        rejection_reason(reply, arrays, partial_names=frozenset({HEAD_WEIGHT, HEAD_BIAS})) is None
+    )
     update = from_array_record(reply.content.array_records["arrays"])
     assert sorted(update) == [HEAD_BIAS, HEAD_WEIGHT]
     for name, delta in update.items():
@@ -233,7 +241,11 @@ def test_int8_backbone_payload_is_smaller_and_close() -> None:
         backbone_payload(SPEC, arrays, int8=True)
 
 
-def test_strategy_moves_the_head_by_the_weighted_edge_update() -> None:
+def test_strategy_moves_the_head_by_the_weighted_edge_update(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for attr, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)  # configure_train builds messages
     arrays = _global_arrays()
     config = FedgeConfig()
     msg = _instruction(arrays, _edge_round(arrays))
@@ -251,11 +263,13 @@ def test_strategy_moves_the_head_by_the_weighted_edge_update() -> None:
                 "metrics": MetricRecord({"train-loss": 1.0, WEIGHT_KEY: n_torch}),
             }
         ),
-        reply_to=msg,
+        reply_to=_instruction(arrays, {}, node=EDGE_PARTITION),
     )
 
-    strategy = FedgeAvg(min_train_nodes=1, min_available_nodes=1)
-    strategy.current_arrays = arrays
+    # A run with edge clients (it broadcasts a backbone), the two nodes sampled.
+    strategy = FedgeAvg(min_train_nodes=1, min_available_nodes=1, edge_backbone=lambda a: b"")
+    nodes = NodeGrid([EDGE_PARTITION, EDGE_PARTITION + 1])
+    strategy.configure_train(1, to_array_record(arrays), ConfigRecord(), nodes)
     record, _ = strategy.aggregate_train(1, [torch_reply, edge_reply])
     assert strategy.report.num_rejected == 0
     assert isinstance(record, ArrayRecord)
