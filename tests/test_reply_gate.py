@@ -362,6 +362,34 @@ def test_torch_client_reports_its_examples_capped() -> None:
     assert metrics[WEIGHT_KEY] == 7
 
 
+def test_edge_client_reports_its_examples_capped() -> None:
+    from grids import node_contexts
+
+    from fedge.client_app.local_data import local_data
+    from fedge.client_app.protocol import REPLY_KEY
+    from fedge.config import FedgeConfig
+    from fedge.edge import client as edge_client
+    from fedge.edge.broadcast import BACKBONE_KEY, backbone_payload
+    from fedge.models import ModelSpec, build_model, state_to_numpy
+
+    config = FedgeConfig.from_run_config({"local-epochs": 1})
+    context = node_contexts(range(1, 11), config.to_run_config())[1]
+    spec = ModelSpec("cnn", (1, 8, 8), 10)  # digits
+    arrays = state_to_numpy(build_model(spec))
+    train_config = {
+        REPLY_KEY: "update",
+        "server-round": 1,
+        BACKBONE_KEY: backbone_payload(spec, arrays),
+        MAX_EXAMPLES_KEY: 7,
+    }
+    content = RecordDict({"arrays": to_array_record(arrays), "config": ConfigRecord(train_config)})
+    answer = edge_client.train(
+        Message(content, dst_node_id=1, message_type="train"), context, config
+    )
+    assert len(local_data(config, context).y_train) > 7
+    assert answer.content.metric_records["metrics"][WEIGHT_KEY] == 7
+
+
 # --- who may reply: sampled nodes, once -------------------------------------------------
 
 
@@ -553,6 +581,35 @@ def test_masked_vector_is_decoded_only_when_due_and_well_formed() -> None:
     ]:
         got = records_to_payload(masked_content(hostile), LENGTH)[MASKED_KEY]
         assert isinstance(got, str) and reason in got
+
+
+def test_masked_vector_that_is_not_npy_drops_only_its_sender_in_a_secagg_round() -> None:
+    """Through the real protocol (fedge's ClientApp handlers over Flower's wire format)."""
+    from test_secagg_flower import (
+        NODES as SECAGG_NODES,
+    )
+    from test_secagg_flower import (
+        SecAggGrid,
+        assert_within_quantization,
+        secure_strategy,
+        train_round,
+    )
+
+    def garble(answer: Message) -> Message:
+        record = answer.content.array_records[MASKED_KEY]
+        declared = record[MASKED_KEY]
+        record[MASKED_KEY] = Array("uint32", declared.shape, declared.stype, b"not an npy file")
+        return answer
+
+    grid = SecAggGrid(SECAGG_NODES)
+    attacker = SECAGG_NODES[-1]
+    grid.tamper[attacker, "train.secagg_masked_input"] = garble
+    strategy = secure_strategy()
+    arrays, _ = train_round(strategy, grid)
+    honest = [node for node in SECAGG_NODES if node != attacker]
+    assert_within_quantization(arrays, honest, len(SECAGG_NODES))
+    assert set(strategy.report.rejected) == {attacker}
+    assert "npy header" in strategy.report.rejected[attacker]
 
 
 # --- fuzzing: thousands of malformed replies among honest ones --------------------------
