@@ -45,33 +45,40 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _finite(value: object) -> bool:
-    """A finite int or float; huge ints, bools, lists and strings are not."""
+def _finite(value: object) -> float | None:
+    """`value` as a finite float, or None; huge ints, bools, lists and strings are None."""
     if not (_is_int(value) or isinstance(value, float)):
-        return False
+        return None
     try:
-        return math.isfinite(float(value))  # type: ignore[arg-type]
+        number = float(value)  # type: ignore[arg-type]
     except OverflowError:
-        return False
+        return None
+    return number if math.isfinite(number) else None
 
 
-def _flag(value: object) -> bool:
-    return _is_int(value) and value in (0, 1)
+def _non_negative(value: object) -> float | None:
+    number = _finite(value)
+    return number if number is not None and number >= 0 else None
 
 
-OPTIONAL_METRICS: dict[str, tuple[Callable[[object], bool], str]] = {
+def _flag(value: object) -> int | None:
+    return value if _is_int(value) and value in (0, 1) else None  # type: ignore[return-value]
+
+
+OPTIONAL_METRICS: dict[str, tuple[Callable[[object], float | int | None], str]] = {
     LOSS_KEY: (_finite, "a finite number"),
     UNCLIPPED_KEY: (_flag, "0 or 1"),
     DECLINED_KEY: (_flag, "0 or 1"),
-    LOCAL_EPSILON_KEY: (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),  # type: ignore[operator]
+    LOCAL_EPSILON_KEY: (_non_negative, "a finite number >= 0"),
 }
-"""Reply metrics fedge reads, with their ranges; any other key is ignored, never aggregated."""
+"""Reply metrics fedge reads: each parser returns the clean value, or None if it is out
+of range. Any other key is ignored, never aggregated."""
 
 
 def checked_metrics(
     metrics: MetricRecord, max_num_examples: int
 ) -> tuple[MetricRecord, str | None]:
-    """(the known metrics, None) if all are in range, else (empty, why)."""
+    """(the known metrics, clean, None) if all are in range, else (empty, why)."""
     weight = metrics.get(WEIGHT_KEY)
     if not (_is_int(weight) and 1 <= weight <= max_num_examples):  # type: ignore[operator]
         return MetricRecord(), (
@@ -79,13 +86,13 @@ def checked_metrics(
             f"(max-num-examples), got {untrusted_repr(weight)}"
         )
     kept = MetricRecord({WEIGHT_KEY: weight})  # type: ignore[dict-item]
-    for key, (valid, accepted) in OPTIONAL_METRICS.items():
+    for key, (parse, accepted) in OPTIONAL_METRICS.items():
         if key not in metrics:
             continue
-        value = metrics[key]
-        if not valid(value):
-            return MetricRecord(), f"'{key}' must be {accepted}, got {untrusted_repr(value)}"
-        kept[key] = value
+        clean = parse(metrics[key])
+        if clean is None:
+            return MetricRecord(), f"'{key}' must be {accepted}, got {untrusted_repr(metrics[key])}"
+        kept[key] = clean
     return kept, None
 
 
