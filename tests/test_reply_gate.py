@@ -477,11 +477,11 @@ def test_with_edge_clients_a_head_update_is_averaged_into_the_head_only() -> Non
     )
     assert strategy.report.rejected == {}
     model = from_array_record(arrays)
-    full = delta(1)
+    full, n_full, n_head = delta(1), weight_of(1), weight_of(101)
     for name in GLOBAL:
-        n_full, n_head = weight_of(1), weight_of(101)
-        mean = full[name] if name not in HEAD else (n_full * full[name] + n_head * head[name])
-        mean = mean if name not in HEAD else mean / (n_full + n_head)
+        mean = full[name]  # only the full update carries the backbone
+        if name in HEAD:
+            mean = (n_full * full[name] + n_head * head[name]) / (n_full + n_head)
         expected = (GLOBAL[name].astype(np.float64) + mean).astype(np.float32)
         np.testing.assert_allclose(model[name], expected, rtol=1e-6, atol=1e-7)
 
