@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -175,27 +176,35 @@ def zero_reply(node_id: int, arrays: NamedArrays, unclipped: int) -> Message:
 
 
 @pytest.mark.usefixtures("serverapp_identity")
-@pytest.mark.parametrize("bad_report", [1, -3])
-def test_adaptive_clipping_defaults_run_on_10_nodes_and_survive_a_bad_report(
-    bad_report: int,
+@pytest.mark.parametrize(
+    ("count_stddev", "honest", "odd_one", "used_stddev"),
+    [
+        # the defaults on 10 nodes: `need 0 < noise_multiplier < 2 * count_stddev` (10/20 at σ=1)
+        (0.0, 1, 1, 1.0),
+        # nine clipped clients and one reporting -3: `unclipped_count must be in [0, 10]`
+        (2.0, 0, -3, 2.0),
+    ],
+)
+def test_adaptive_clipping_runs_its_round_on_10_nodes(
+    count_stddev: float, honest: int, odd_one: int, used_stddev: float
 ) -> None:
-    """Both used to raise out of the round: `need 0 < noise_multiplier < 2 * count_stddev`
-    (count noise 10/20 at σ = 1) and, for -3, `unclipped_count must be in [0, 10]`."""
-    config = FedgeConfig.from_run_config({"dp-mode": "central", "dp-adaptive-clipping": True})
+    """Both cases raised out of aggregate_train before (measured on main)."""
+    config = FedgeConfig.from_run_config(
+        {"dp-mode": "central", "dp-adaptive-clipping": True, "dp-count-stddev": count_stddev}
+    )
     privacy = ServerPrivacy(config)
     strategy = FedgeAvg(privacy=privacy, min_train_nodes=2, min_available_nodes=2)
     nodes = range(1, 11)
     model = state_to_numpy(build_model(model_spec_for(config, dataset_for(config))))
     messages = strategy.configure_train(1, to_array_record(model), ConfigRecord(), NodeGrid(nodes))
     assert len(list(messages)) == 10
-    replies = [zero_reply(node, model, 1) for node in nodes[:-1]] + [
-        zero_reply(10, model, bad_report)
-    ]
-    record, _ = strategy.aggregate_train(1, replies)
+    replies = [zero_reply(node, model, honest) for node in nodes[:-1]]
+    record, _ = strategy.aggregate_train(1, [*replies, zero_reply(10, model, odd_one)])
     assert record is not None and strategy.report.aggregated
     assert [r.server_round for r in privacy.ledger.history] == [1]
-    assert privacy.adaptive is not None and privacy.adaptive.count_stddev == 1.0  # max(10/20, σ)
-    assert 0 < privacy.clip_norm < config.dp_clipping_norm * 1.2
+    assert privacy.adaptive is not None and privacy.adaptive.count_stddev == used_stddev
+    # one geometric step at most, whatever was reported: exp(±0.2 · 0.5) around C = 1
+    assert math.exp(-0.1) - 1e-9 <= privacy.clip_norm <= math.exp(0.1) + 1e-9
 
 
 def test_a_count_noise_that_leaves_no_update_noise_fails_validation() -> None:

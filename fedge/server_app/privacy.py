@@ -203,7 +203,9 @@ class ServerPrivacy:
         if state.get("adaptive"):
             self.adaptive = AdaptiveClipping.from_dict(state["adaptive"])
 
-    def resume(self, state: dict[str, Any] | None, rounds_done: int, previous_mode: str) -> None:
+    def resume(
+        self, state: dict[str, Any] | None, rounds_done: int, previous_mode: str | None
+    ) -> None:
         """Continue the checkpoint's ledger; never lose a guarantee silently.
 
         A checkpoint without ledger state (written before ledgers travelled in every
