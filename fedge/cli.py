@@ -1,4 +1,4 @@
-"""The `fedge` command: export, edge runtime, certificates and local deployments.
+"""The `fedge` command: export, edge runtime, certificates, deployments and node state.
 
 Each command group registers itself from its own module; this file only
 assembles them, so installing just `fedge[edge]` still gives working edge commands.
@@ -41,6 +41,7 @@ COMMAND_GROUPS = (
     ("fedge.edge.export_command", "register_export"),
     ("fedge.edge.commands", "register"),
     ("fedge.deploy.commands", "register"),
+    ("fedge.client_app.node_commands", "register"),
 )
 
 

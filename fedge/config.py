@@ -15,6 +15,8 @@ from typing import Any
 
 from flwr.app import Context
 
+from fedge.privacy.clipping import AdaptiveClipping
+
 
 class ConfigError(ValueError):
     """A run-config value fedge cannot use; the message names the key and the fix."""
@@ -135,7 +137,7 @@ class FedgeConfig:
     )
     dp_clip_learning_rate: float = _opt(0.2, "adaptive clipping: geometric step size", low=0)
     dp_count_stddev: float = _opt(
-        0.0, "adaptive clipping: noise on the count; 0 = clients/20", low=0
+        0.0, "adaptive clipping: noise on the count, above σ/2; 0 = max(clients/20, σ)", low=0
     )
     dp_min_clients: int = _opt(
         0, "distributed DP: noise provisioned for this many survivors; 0 = secagg-threshold", low=0
@@ -157,6 +159,12 @@ class FedgeConfig:
     output_dir: str = _opt("outputs", "results folder (relative: see resolve_path)")
     run_name: str = _opt("", "subfolder of output-dir; empty = a timestamp")
     resume: bool = _opt(False, "continue the run in output-dir/run-name from its checkpoint")
+    resume_without_dp: bool = _opt(
+        False, "resume a DP run with dp-mode=none; its reports then say no (ε, δ) holds"
+    )
+    resume_allow_changes: bool = _opt(
+        False, "resume although data-defining keys changed (dataset, split, seed, model)"
+    )
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> FedgeConfig:
@@ -190,6 +198,11 @@ class FedgeConfig:
                 "dp-mode='distributed' needs secagg=true: without it the server sees "
                 "each noised update"
             )
+        if self.dp_adaptive_clipping and self.dp_count_stddev:
+            try:
+                AdaptiveClipping.check_count_stddev(self.dp_count_stddev, self.dp_noise_multiplier)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
         if self.dp_adaptive_clipping and self.secagg:
             raise ConfigError(
                 "dp-adaptive-clipping needs per-client clip reports, which SecAgg hides; "

@@ -141,9 +141,40 @@ def test_adaptive_state_round_trips_through_json() -> None:
     assert AdaptiveClipping.from_dict(json.loads(json.dumps(state.to_dict()))) == state
 
 
-def test_adaptive_rejects_inconsistent_counts() -> None:
-    state = AdaptiveClipping(clip_norm=1.0, count_stddev=1.0)
-    with pytest.raises(ValueError, match="unclipped_count"):
-        state.update(11, 10, expected_clients=10)
+def test_adaptive_rejects_an_impossible_target_quantile() -> None:
     with pytest.raises(ValueError, match="target_quantile"):
         AdaptiveClipping(clip_norm=1.0, count_stddev=1.0, target_quantile=1.5)
+
+
+@pytest.mark.parametrize(
+    ("reported", "clamped"), [(-3, 0), (-1e9, 0), (11, 10), (1e300, 10), (float("-inf"), None)]
+)
+def test_a_misreported_count_moves_the_clip_norm_at_most_one_step(
+    reported: float, clamped: int | None
+) -> None:
+    """dp-unclipped = -3 from one client used to raise out of the round."""
+    state = AdaptiveClipping(clip_norm=1.0, count_stddev=0.0, learning_rate=0.2)
+    new = state.update(reported, 10, expected_clients=10, rng=np.random.default_rng(0))
+    if clamped is None:  # no information: the clip norm stays
+        assert new == state
+    else:
+        want = state.update(clamped, 10, expected_clients=10, rng=np.random.default_rng(0))
+        assert new.clip_norm == want.clip_norm
+        assert abs(math.log(new.clip_norm)) <= 0.2 * 0.5 + 1e-12
+
+
+def test_nan_count_leaves_the_clip_norm() -> None:
+    state = AdaptiveClipping(clip_norm=1.0, count_stddev=1.0)
+    assert state.update(float("nan"), 10, expected_clients=10) == state
+
+
+@pytest.mark.parametrize(("clients", "sigma"), [(10, 1.0), (2, 0.5), (40, 3.0), (1000, 1.0)])
+def test_default_count_stddev_always_leaves_noise_for_the_update(
+    clients: int, sigma: float
+) -> None:
+    """clients/20 alone fails for 10 clients at σ = 1 (2 * 0.5 is not > 1)."""
+    count_stddev = AdaptiveClipping.default_count_stddev(clients, sigma)
+    assert count_stddev >= clients / 20
+    state = AdaptiveClipping(clip_norm=1.0, count_stddev=count_stddev)
+    update_sigma = state.update_noise_multiplier(sigma)
+    assert sigma < update_sigma <= sigma * 2 / math.sqrt(3) + 1e-12

@@ -142,21 +142,22 @@ def test_node_ledger_survives_runs_and_is_per_dataset(tmp_path: Path, monkeypatc
     """ε belongs to the node's data: a new run (fresh context.state) continues it."""
     from flwr.app import Context, RecordDict
 
-    from fedge.client_app.local_ledger import ledger_path, load_ledger, save_ledger
+    from fedge.client_app.local_ledger import NodeLedger
     from fedge.config import FedgeConfig
 
     monkeypatch.setenv("FEDGE_NODE_STATE_DIR", str(tmp_path))
     node = {"partition-id": 1, "num-partitions": 4}
 
-    def path_for(**run_config: object) -> Path:
+    def ledger_for(**run_config: object) -> NodeLedger:
         context = Context(0, 7, node, RecordDict(), {})
-        return ledger_path(FedgeConfig.from_run_config(run_config), context)
+        return NodeLedger.for_node(FedgeConfig.from_run_config(run_config), context)
 
-    first = path_for(**{"run-name": "a"})
-    save_ledger(first, b'{"mechanism": "rdp", "history": [[1.0, 0.1, 5]]}')
-    assert load_ledger(path_for(**{"run-name": "b", "resume": False})) == first.read_bytes()
-    assert path_for(dataset="breast-cancer") != first
-    assert first.parent == tmp_path
+    first = ledger_for(**{"run-name": "a"})
+    state = b'{"mechanism": "rdp", "history": [[1.0, 0.1, 5]]}'
+    first.save(state)
+    assert ledger_for(**{"run-name": "b", "resume": False}).load(DELTA) == state
+    assert ledger_for(dataset="breast-cancer").path != first.path
+    assert first.path.parent == tmp_path
 
 
 def test_private_steps_do_not_page_fault_their_buffers() -> None:

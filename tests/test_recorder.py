@@ -37,9 +37,12 @@ def recorded_rounds(tmp_path: Path, rounds: int, **extra: Any) -> tuple[RunFolde
     config = FedgeConfig.from_run_config({**CENTRAL, **extra})
     bundle = dataset_for(config)
     spec = model_spec_for(config, bundle)
-    strategy = FedgeAvg(privacy=ServerPrivacy(config))
+    privacy = ServerPrivacy(config)
+    strategy = FedgeAvg(privacy=privacy)
     folder = RunFolder(tmp_path)
-    recorder = RoundRecorder(folder, strategy, spec, bundle, rounds, config.to_run_config())
+    recorder = RoundRecorder(
+        folder, strategy, spec, bundle, rounds, config.to_run_config(), privacy=privacy
+    )
     record = to_array_record(state_to_numpy(build_model(spec)))
     recorder(0, record)
     assert strategy.privacy is not None
@@ -63,7 +66,8 @@ def test_privacy_report_is_current_after_every_round_and_says_why_the_run_stoppe
         "metrics.jsonl",
         PRIVACY_REPORT,
     ]  # no temp file left behind
-    write_privacy_report(folder, strategy, "completed all rounds")
+    assert strategy.privacy is not None
+    write_privacy_report(folder, strategy.privacy, "completed all rounds")
     report = read_report(tmp_path)
     assert report["stop_reason"] == "completed all rounds"
     assert [r["round"] for r in report["rounds"]] == [1, 2]
@@ -74,7 +78,7 @@ def test_a_budget_stop_keeps_its_reason_in_the_final_report(tmp_path: Path) -> N
     assert strategy.privacy is not None
     with pytest.raises(BudgetExhausted):  # σ = 1 at q = 1: round 2 would pass ε = 5
         strategy.privacy.start_round(2, 3, 3)
-    write_privacy_report(folder, strategy, "completed all rounds")
+    write_privacy_report(folder, strategy.privacy, "completed all rounds")
     report = read_report(tmp_path)
     assert "round 2" in report["stop_reason"] and "dp-max-epsilon=5" in report["stop_reason"]
     assert [r["round"] for r in report["rounds"]] == [1]
@@ -84,11 +88,13 @@ def test_runs_without_dp_write_no_privacy_report(tmp_path: Path) -> None:
     config = FedgeConfig.from_run_config({"seed": 5})
     bundle = dataset_for(config)
     spec = model_spec_for(config, bundle)
-    strategy = FedgeAvg()
+    privacy = ServerPrivacy(config)
     folder = RunFolder(tmp_path)
-    recorder = RoundRecorder(folder, strategy, spec, bundle, 1, config.to_run_config())
+    recorder = RoundRecorder(
+        folder, FedgeAvg(), spec, bundle, 1, config.to_run_config(), privacy=privacy
+    )
     recorder(1, to_array_record(state_to_numpy(build_model(spec))))
-    write_privacy_report(folder, strategy, "completed all rounds")
+    write_privacy_report(folder, privacy, "completed all rounds")
     assert (tmp_path / "checkpoint.npz").is_file()
     assert not (tmp_path / PRIVACY_REPORT).exists()
 

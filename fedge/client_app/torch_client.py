@@ -10,7 +10,7 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from fedge.client_app.local_data import LocalData, local_data, local_seed
-from fedge.client_app.local_ledger import ledger_path, load_ledger, save_ledger
+from fedge.client_app.local_ledger import NodeLedger
 from fedge.client_app.privatize import privatize_update
 from fedge.client_app.protocol import (
     DECLINED_KEY,
@@ -120,17 +120,17 @@ def local_update(
     data = local_data(config, context)
     global_arrays = from_array_record(msg.content.array_records["arrays"])
     train_config = msg.content.config_records["config"]
-    ledger = ledger_path(config, context) if config.local_dp else None
+    ledger = NodeLedger.for_node(config, context) if config.local_dp else None
     result = train_locally(
         config,
         data,
         global_arrays,
         int(train_config.get("server-round", 0)),
-        load_ledger(ledger) if ledger else None,
+        ledger.load(config.dp_delta) if ledger else None,
     )
     metrics = MetricRecord({WEIGHT_KEY: reported_examples(len(data.y_train), train_config)})
     if ledger is not None and result.accountant_state is not None:
-        save_ledger(ledger, result.accountant_state)
+        ledger.save(result.accountant_state)
         metrics[LOCAL_EPSILON_KEY] = float(result.local_epsilon or 0.0)
     if result.arrays is None:
         metrics[DECLINED_KEY] = 1

@@ -21,6 +21,9 @@ class DatasetBundle:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    source_digest: str = ""
+    """sha256 of the source pools before any split: which data this is, whatever the
+    split settings (keys a node's local-DP ledger; checked when a run resumes)."""
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -48,6 +49,19 @@ def _standardize_tabular(x: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray,
     return ((x - mean) / std).astype(np.float32), ((x_test - mean) / std).astype(np.float32)
 
 
+def source_digest(pools: Pools) -> str:
+    """sha256 over the pools' dtypes, shapes and bytes, before any split or scaling."""
+    digest = hashlib.sha256()
+    for array in pools:
+        if array is None:
+            digest.update(b"none;")
+            continue
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape};".encode())
+        digest.update(array.reshape(-1).view(np.uint8))
+    return digest.hexdigest()
+
+
 @lru_cache(maxsize=4)
 def load_dataset(name: str, test_fraction: float = 0.2, seed: int = 0) -> DatasetBundle:
     """Load a dataset by name and set aside its held-out test split.
@@ -56,7 +70,9 @@ def load_dataset(name: str, test_fraction: float = 0.2, seed: int = 0) -> Datase
     `test_fraction` of the data is held out. Cached per process, since every
     simulated client of a run asks for the same data.
     """
-    x, y, x_test, y_test = _pools(name)
+    pools = _pools(name)
+    digest = source_digest(pools)
+    x, y, x_test, y_test = pools
     if x_test is None or y_test is None:
         x, x_test, y, y_test = train_test_split(
             x, y, test_size=test_fraction, stratify=y, random_state=seed
@@ -67,7 +83,7 @@ def load_dataset(name: str, test_fraction: float = 0.2, seed: int = 0) -> Datase
     num_classes = int(max(y.max(), y_test.max())) + 1
     for arr in (x, y, x_test, y_test):
         arr.setflags(write=False)
-    return DatasetBundle(name, x, y, x_test, y_test, num_classes)
+    return DatasetBundle(name, x, y, x_test, y_test, num_classes, digest)
 
 
 def client_split(

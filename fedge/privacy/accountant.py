@@ -51,6 +51,8 @@ def rdp_epsilon(history: History, delta: float) -> float:
     check_delta(delta)
     if not history:
         return 0.0
+    if any(sigma == 0 and q > 0 and steps > 0 for sigma, q, steps in history):
+        return math.inf  # a noiseless release: no (ε, δ) bounds it
     rdp = sum(_rdp_per_step(sigma, q) * steps for sigma, q, steps in history)
     epsilon, _ = rdp_analysis.get_privacy_spent(orders=_ORDERS, rdp=rdp, delta=delta)
     return float(epsilon)

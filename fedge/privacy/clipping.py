@@ -7,6 +7,7 @@ Gaussian noise is calibrated to).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
@@ -16,6 +17,8 @@ import numpy as np
 
 from fedge.privacy._common import Update, check_positive, float_arrays
 from fedge.privacy.noise import secure_rng
+
+logger = logging.getLogger(__name__)
 
 # Scaling to exactly C and rounding back to float32 can land a hair above C, which
 # would break the sensitivity bound; aim this much below C instead (see clip_update).
@@ -70,7 +73,8 @@ class AdaptiveClipping:
     count with N(0, count_stddev^2) and moves C geometrically towards the
     `target_quantile` of norms: C <- C * exp(-learning_rate * (b - target)), where
     b is the noised fraction of unclipped clients. Immutable; `to_dict` is the
-    checkpoint state. The paper suggests count_stddev = expected_clients / 20.
+    checkpoint state. The paper suggests count_stddev = expected_clients / 20;
+    `default_count_stddev` raises that where the update noise would not exist.
     """
 
     clip_norm: float
@@ -87,25 +91,40 @@ class AdaptiveClipping:
         if not self.learning_rate >= 0:
             raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
 
+    @staticmethod
+    def default_count_stddev(expected_clients: int, noise_multiplier: float) -> float:
+        """expected_clients / 20 (the paper's choice), but at least σ.
+
+        The count must satisfy 2 * count_stddev > σ (see `check_count_stddev`); m / 20
+        does not for m <= 20 * σ / 2 (10 clients at σ = 1). At least σ keeps the update's
+        own multiplier within 2 / sqrt(3) ≈ 1.15 σ.
+        """
+        return max(expected_clients / 20, noise_multiplier)
+
+    @staticmethod
+    def check_count_stddev(count_stddev: float, noise_multiplier: float) -> None:
+        """The count query alone must not spend the round: 2 * count_stddev > σ > 0."""
+        if not 2.0 * count_stddev > noise_multiplier > 0:
+            raise ValueError(
+                f"adaptive clipping needs 0 < noise_multiplier < 2 * count_stddev, got "
+                f"noise_multiplier {noise_multiplier} with count_stddev {count_stddev}: "
+                f"set dp-count-stddev above {noise_multiplier / 2:g} (or 0 for the default)"
+            )
+
     def update_noise_multiplier(self, noise_multiplier: float) -> float:
         """Noise multiplier for the update sum so the round costs `noise_multiplier`.
 
         The count query (centred bits, sensitivity 1/2) also spends privacy;
         the pair is a Gaussian mechanism with z^-2 = z_update^-2 + (2 count_stddev)^-2,
         so the accountant is told `noise_multiplier` while the sum uses the larger
-        z_update returned here. Needs count_stddev > noise_multiplier / 2.
+        z_update returned here.
         """
-        count_multiplier = 2.0 * self.count_stddev
-        if not count_multiplier > noise_multiplier > 0:
-            raise ValueError(
-                f"need 0 < noise_multiplier < 2 * count_stddev, got {noise_multiplier} "
-                f"with count_stddev {self.count_stddev}"
-            )
-        return (noise_multiplier**-2 - count_multiplier**-2) ** -0.5
+        self.check_count_stddev(self.count_stddev, noise_multiplier)
+        return (noise_multiplier**-2 - (2.0 * self.count_stddev) ** -2) ** -0.5
 
     def update(
         self,
-        unclipped_count: int,
+        unclipped_count: float,
         num_reports: int,
         *,
         expected_clients: int,
@@ -116,13 +135,24 @@ class AdaptiveClipping:
         The count is centred (sum of b_i - 1/2, sensitivity 1/2 under adding or
         removing a client) and normalised by the public `expected_clients`, not the
         number of reports, which itself depends on who took part.
+
+        A count outside [0, num_reports] can only come from clients that misreported
+        their bit; it is clamped into the range (logged), so the clip norm moves at most
+        one step and the round goes on. A non-finite count leaves the clip norm as it is.
         """
-        if not 0 <= unclipped_count <= num_reports:
-            raise ValueError(
-                f"unclipped_count must be in [0, {num_reports}], got {unclipped_count}"
-            )
         if expected_clients < 1:
             raise ValueError(f"expected_clients must be >= 1, got {expected_clients}")
+        if not math.isfinite(unclipped_count):
+            logger.warning("ignoring a non-finite unclipped count %r", unclipped_count)
+            return self
+        if not 0 <= unclipped_count <= num_reports:
+            logger.warning(
+                "unclipped count %r is outside [0, %s] (a client misreported dp-unclipped); "
+                "clamped",
+                unclipped_count,
+                num_reports,
+            )
+            unclipped_count = min(max(unclipped_count, 0), num_reports)
         rng = secure_rng() if rng is None else rng
         centred = unclipped_count - num_reports / 2 + rng.normal(0.0, self.count_stddev)
         fraction = min(1.0, max(0.0, centred / expected_clients + 0.5))

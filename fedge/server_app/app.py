@@ -13,7 +13,7 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedge.config import FedgeConfig
+from fedge.config import ConfigError, FedgeConfig
 from fedge.data import DatasetBundle
 from fedge.edge.broadcast import backbone_payload
 from fedge.models import ModelSpec, build_model, save_model, state_to_numpy
@@ -22,7 +22,12 @@ from fedge.server_app.plotting import plot_metrics
 from fedge.server_app.polling import responsive
 from fedge.server_app.privacy import BudgetExhausted, ServerPrivacy
 from fedge.server_app.recorder import RoundRecorder
-from fedge.server_app.run_folder import PRIVACY_REPORT, RunFolder, restore_rng_state
+from fedge.server_app.run_folder import (
+    PRIVACY_REPORT,
+    Checkpoint,
+    RunFolder,
+    restore_rng_state,
+)
 from fedge.server_app.secure_round import SecAggSettings
 from fedge.server_app.strategy import FedgeAvg
 from fedge.task import dataset_for, model_spec_for
@@ -46,10 +51,11 @@ def edge_backbone_exporter(
     return partial(backbone_payload, spec, int8=kind == "int8", x_calib=calibration)
 
 
-def build_strategy(config: FedgeConfig, spec: ModelSpec, bundle: DatasetBundle) -> FedgeAvg:
-    privacy = None if config.dp_mode == "none" else ServerPrivacy(config)
+def build_strategy(
+    config: FedgeConfig, spec: ModelSpec, bundle: DatasetBundle, privacy: ServerPrivacy
+) -> FedgeAvg:
     return FedgeAvg(
-        privacy=privacy,
+        privacy=privacy if privacy.mode != "none" else None,
         server_lr=config.server_lr,
         server_momentum=config.server_momentum,
         fraction_train=config.fraction_train,
@@ -63,20 +69,63 @@ def build_strategy(config: FedgeConfig, spec: ModelSpec, bundle: DatasetBundle) 
     )
 
 
-def resume(folder: RunFolder, strategy: FedgeAvg, config: FedgeConfig) -> NamedArrays:
-    """Restore model, round counter, momentum, RNGs and ε ledger from the checkpoint."""
+DATA_KEYS = (
+    "dataset",
+    "partitioner",
+    "dirichlet-alpha",
+    "classes-per-client",
+    "test-fraction",
+    "val-fraction",
+    "seed",
+    "model",
+)
+"""Keys that define what a run trains on: resuming with another value is another experiment."""
+
+
+def check_same_data(checkpoint: Checkpoint, config: FedgeConfig, bundle: DatasetBundle) -> None:
+    """Refuse, listing every difference, to resume on other data unless resume-allow-changes."""
+    before, now = checkpoint.state["run_config"], config.to_run_config()
+    changed = [
+        f"{k} ({before.get(k)!r} -> {now[k]!r})" for k in DATA_KEYS if before.get(k) != now[k]
+    ]
+    if checkpoint.state.get("data", bundle.source_digest) != bundle.source_digest:
+        changed.append("the dataset's content")
+    if not changed:
+        return
+    if not config.resume_allow_changes:
+        raise ConfigError(
+            f"resume would change the data this run trains on: {', '.join(changed)}. Resume "
+            "with the run's own settings, or set resume-allow-changes=true to continue anyway"
+        )
+    log(WARNING, "fedge: resume-allow-changes=true: resuming with %s", ", ".join(changed))
+
+
+def resume(
+    folder: RunFolder,
+    strategy: FedgeAvg,
+    privacy: ServerPrivacy,
+    config: FedgeConfig,
+    bundle: DatasetBundle,
+) -> NamedArrays:
+    """Restore model, round counter, momentum, RNGs and ε ledger from the checkpoint.
+
+    Everything that could refuse the resume is checked before anything is changed.
+    """
     checkpoint = folder.load_checkpoint()
+    check_same_data(checkpoint, config, bundle)
+    before = checkpoint.state["run_config"]
+    privacy.resume(checkpoint.state.get("privacy"), checkpoint.round, before.get("dp-mode"))
     strategy.rounds_done = checkpoint.round
     strategy.velocity = checkpoint.strategy_arrays.get("velocity")
     restore_rng_state(checkpoint.state["rng"])
-    if strategy.privacy is not None and "privacy" in checkpoint.state:
-        strategy.privacy.restore(checkpoint.state["privacy"])
     folder.keep_metrics_through(checkpoint.round)
     changed = sorted(
         key
         for key, value in config.to_run_config().items()
-        if checkpoint.state["run_config"].get(key) != value
-        and key not in ("resume", "num-server-rounds")
+        if before.get(key) != value
+        and key not in DATA_KEYS
+        and not key.startswith("resume")
+        and key != "num-server-rounds"
     )
     if changed:
         log(WARNING, "Resuming with a changed config: %s", ", ".join(changed))
@@ -84,24 +133,26 @@ def resume(folder: RunFolder, strategy: FedgeAvg, config: FedgeConfig) -> NamedA
     return checkpoint.arrays
 
 
-def write_privacy_report(folder: RunFolder, strategy: FedgeAvg, stop_reason: str) -> None:
+def write_privacy_report(folder: RunFolder, privacy: ServerPrivacy, stop_reason: str) -> None:
     """The final privacy.json: the recorder's per-round one plus why the run stopped."""
-    if strategy.privacy is not None:
-        folder.write_json(PRIVACY_REPORT, strategy.privacy.report(stop_reason))
+    if privacy.reports_epsilon():
+        folder.write_json(PRIVACY_REPORT, privacy.report(stop_reason))
 
 
 def write_outputs(
     folder: RunFolder,
     config: FedgeConfig,
-    strategy: FedgeAvg,
+    privacy: ServerPrivacy,
     spec: ModelSpec,
     bundle: DatasetBundle,
     arrays: NamedArrays,
 ) -> None:
     """privacy.json, final_model.pt (+ ONNX exports) and metrics.png."""
-    write_privacy_report(folder, strategy, "completed all rounds")
-    if strategy.privacy is not None:
-        log(INFO, "fedge: ε=%.4g at δ=%g", strategy.privacy.epsilon(), config.dp_delta)
+    write_privacy_report(folder, privacy, "completed all rounds")
+    if privacy.rounds_without_dp() and privacy.reports_epsilon():
+        log(WARNING, "fedge: privacy guarantee %s", privacy.guarantee())
+    elif privacy.reports_epsilon():
+        log(INFO, "fedge: ε=%.4g at δ=%g", privacy.epsilon(), privacy.ledger.delta)
     final_model = folder.path / "final_model.pt"
     provenance = {
         "dataset": bundle.name,
@@ -125,16 +176,28 @@ def main(grid: Grid, context: Context) -> None:
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
-    folder = RunFolder.for_config(config)
+    with RunFolder.for_config(config) as folder:
+        run(grid, config, folder)
+
+
+def run(grid: Grid, config: FedgeConfig, folder: RunFolder) -> None:
+    """The run in its (locked) folder: resume or start, Flower's rounds, then the outputs."""
     bundle = dataset_for(config)
     spec = model_spec_for(config, bundle)
-    strategy = build_strategy(config, spec, bundle)
+    privacy = ServerPrivacy(config)
+    strategy = build_strategy(config, spec, bundle, privacy)
     if config.resume:
-        arrays = resume(folder, strategy, config)
+        arrays = resume(folder, strategy, privacy, config, bundle)
     else:
         arrays = state_to_numpy(build_model(spec))
     recorder = RoundRecorder(
-        folder, strategy, spec, bundle, config.num_server_rounds, config.to_run_config()
+        folder,
+        strategy,
+        spec,
+        bundle,
+        config.num_server_rounds,
+        config.to_run_config(),
+        privacy=privacy,
     )
     remaining = config.num_server_rounds - strategy.rounds_done
     if remaining > 0:
@@ -149,9 +212,9 @@ def main(grid: Grid, context: Context) -> None:
         except BudgetExhausted as stop:
             log(WARNING, "fedge: stopping early: %s", stop)
         except Exception as error:
-            write_privacy_report(folder, strategy, f"the ServerApp failed: {error!r}")
+            write_privacy_report(folder, privacy, f"the ServerApp failed: {error!r}")
             raise
         arrays = recorder.last_arrays
     else:
         log(INFO, "fedge: all %s rounds already done", config.num_server_rounds)
-    write_outputs(folder, config, strategy, spec, bundle, arrays)
+    write_outputs(folder, config, privacy, spec, bundle, arrays)

@@ -5,15 +5,23 @@ weights — n_k-weighting would scale a client's influence and so the
 sensitivity — and divided by the number of *sampled* clients, a public
 quantity, so the mean's denominator leaks nothing. Each round costs one step
 of an Opacus RDP accountant at sampling rate q = sampled / connected nodes.
+
+The ledger exists in every run, DP on or off, and travels in every checkpoint: a
+round that ran without DP is accounted as a noiseless release (σ = 0, so ε = ∞),
+so a run that ever had a guarantee reports that it no longer holds instead of a
+smaller ε. Resuming a DP run with DP off is refused unless `resume-without-dp`.
 """
 
 from __future__ import annotations
 
 import math
+from logging import WARNING
 from typing import Any
 
+from flwr.common.logger import log
+
 from fedge.client_app.protocol import CLIP_KEY, MIN_CLIENTS_KEY, NOISE_MULTIPLIER_KEY
-from fedge.config import FedgeConfig
+from fedge.config import ConfigError, FedgeConfig
 from fedge.privacy.accountant import PrivacyLedger
 from fedge.privacy.clipping import AdaptiveClipping, global_norm
 from fedge.privacy.noise import (
@@ -29,6 +37,11 @@ class BudgetExhausted(Exception):
 
 
 class ServerPrivacy:
+    """The run's ε ledger and, under `dp-mode`, the clip norm, noise and budget.
+
+    With dp-mode='none' only the ledger is used: `account_without_dp` each round.
+    """
+
     def __init__(self, config: FedgeConfig) -> None:
         self.config = config
         self.mode = config.dp_mode
@@ -89,7 +102,11 @@ class ServerPrivacy:
         checked with the smallest noise the round could end up with."""
         self.sample_rate = num_sampled / max(num_nodes, 1)
         if self.adaptive is None and self.config.dp_adaptive_clipping:
-            count_stddev = self.config.dp_count_stddev or num_sampled / 20
+            sigma = self.config.dp_noise_multiplier
+            count_stddev = self.config.dp_count_stddev or AdaptiveClipping.default_count_stddev(
+                num_sampled, sigma
+            )
+            AdaptiveClipping.check_count_stddev(count_stddev, sigma)  # before round 1, not in it
             self.adaptive = AdaptiveClipping(
                 self.config.dp_clipping_norm,
                 count_stddev,
@@ -143,6 +160,29 @@ class ServerPrivacy:
             )
         return self.epsilon()
 
+    def account_without_dp(self, server_round: int) -> None:
+        """A round that released updates without noise: σ = 0 at q = 1, ε = ∞ from now on."""
+        self.ledger.step(noise_multiplier=0.0, sample_rate=1.0, server_round=server_round)
+
+    def rounds_without_dp(self) -> list[int]:
+        return [r.server_round for r in self.ledger.history if r.noise_multiplier == 0]
+
+    def had_dp(self) -> bool:
+        """Whether any accounted round was noised: then there is a guarantee to keep or void."""
+        return any(r.noise_multiplier > 0 for r in self.ledger.history)
+
+    def reports_epsilon(self) -> bool:
+        """DP runs, and runs that had DP once, report ε (∞ once a round ran without DP)."""
+        return self.mode != "none" or self.had_dp()
+
+    def guarantee(self) -> str:
+        """'holds', or why no (ε, δ) bounds what this run's model reveals."""
+        missing = self.rounds_without_dp()
+        if not missing:
+            return "holds"
+        listed = ", ".join(str(r) for r in missing)
+        return f"void: round(s) {listed} ran without DP, so no (ε, δ) holds for this run"
+
     def epsilon(self) -> float:
         return self.ledger.epsilon() if self.ledger.history else 0.0
 
@@ -153,25 +193,66 @@ class ServerPrivacy:
         }
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.ledger = PrivacyLedger.from_dict(state["ledger"])
+        ledger = PrivacyLedger.from_dict(state["ledger"])
+        if self.mode != "none" and ledger.delta != self.config.dp_delta:
+            raise ConfigError(
+                f"dp-delta={self.config.dp_delta:g} but this run's ε is accounted at "
+                f"δ={ledger.delta:g}; resume with dp-delta={ledger.delta:g}"
+            )
+        self.ledger = ledger
         if state.get("adaptive"):
             self.adaptive = AdaptiveClipping.from_dict(state["adaptive"])
+
+    def resume(
+        self, state: dict[str, Any] | None, rounds_done: int, previous_mode: str | None
+    ) -> None:
+        """Continue the checkpoint's ledger; never lose a guarantee silently.
+
+        A checkpoint without ledger state (written before ledgers travelled in every
+        checkpoint) may hide rounds released without noise: all its rounds count as such.
+        """
+        if state is None:
+            log(WARNING, "fedge: the checkpoint has no ε ledger; its rounds count as without DP")
+            for server_round in range(1, rounds_done + 1):
+                self.account_without_dp(server_round)
+        else:
+            self.restore(state)
+        if self.mode == "none" and self.had_dp() and not self.config.resume_without_dp:
+            raise ConfigError(
+                f"this run spent ε={self.epsilon():.4g} (δ={self.ledger.delta:g}) under "
+                f"dp-mode='{previous_mode}'; resuming it with dp-mode='none' would release "
+                "updates without noise and void that guarantee. Resume with its DP settings, "
+                "or set resume-without-dp=true to continue anyway: every report then says "
+                "that no (ε, δ) holds for this run"
+            )
+        if self.mode == "none" and self.had_dp():
+            log(
+                WARNING,
+                "fedge: resume-without-dp=true: rounds after %s run without DP; "
+                "no (ε, δ) holds for this run from now on",
+                rounds_done,
+            )
+        elif self.mode != "none" and self.rounds_without_dp():
+            log(WARNING, "fedge: privacy guarantee %s", self.guarantee())
 
     def report(self, stop_reason: str | None = None) -> dict[str, Any]:
         """privacy.json: the guarantee, how it was spent per round, why the run stopped.
 
         Written after every round with `stop_reason` None (still running, so a killed
         ServerApp leaves the ledger of its last round) and once more when the run stops.
-        A refused round's budget reason wins over the caller's.
+        A refused round's budget reason wins over the caller's. ε is None (JSON null),
+        never a number, once any round ran without DP; `guarantee` says why.
         """
         epsilon = self.epsilon()
         return {
+            "guarantee": self.guarantee(),
+            "rounds_without_dp": self.rounds_without_dp(),
             "mode": self.mode,
             "noise_multiplier": self.config.dp_noise_multiplier,
             "clipping_norm": self.config.dp_clipping_norm,
             "adaptive_clipping": self.config.dp_adaptive_clipping,
             "final_clipping_norm": self.clip_norm,
-            "delta": self.config.dp_delta,
+            "delta": self.ledger.delta,
             "max_epsilon": self.config.dp_max_epsilon or None,
             "min_clients": self.min_clients if self.mode == "distributed" else None,
             "accountant": "opacus RDP",
@@ -181,7 +262,7 @@ class ServerPrivacy:
                     "round": r.server_round,
                     "noise_multiplier": r.noise_multiplier,
                     "sample_rate": r.sample_rate,
-                    "epsilon": r.epsilon,
+                    "epsilon": r.epsilon if math.isfinite(r.epsilon) else None,
                 }
                 for r in self.ledger.history
             ],

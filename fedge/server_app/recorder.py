@@ -5,10 +5,14 @@ privacy report (DP runs) and a checkpoint — in that order, so a crash in betwe
 leaves at most a row the checkpoint does not hold, which resume drops before
 re-running that round, and a privacy.json that may be a round ahead of the
 checkpoint but never behind it: a killed ServerApp never under-reports ε.
+
+Every checkpoint carries the run's ε ledger, DP on or off; a round run without
+DP is accounted here as a noiseless release (see `ServerPrivacy`).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from logging import INFO
 from typing import Any
@@ -20,6 +24,7 @@ from fedge.data import DatasetBundle
 from fedge.models import ModelSpec, build_model, load_numpy_state
 from fedge.models.training import evaluate
 from fedge.records import NamedArrays, from_array_record
+from fedge.server_app.privacy import ServerPrivacy
 from fedge.server_app.run_folder import PRIVACY_REPORT, Checkpoint, RunFolder, rng_state
 from fedge.server_app.strategy import FedgeAvg
 
@@ -33,9 +38,12 @@ class RoundRecorder:
         bundle: DatasetBundle,
         total_rounds: int,
         run_config: dict[str, Any],
+        *,
+        privacy: ServerPrivacy,
     ) -> None:
         self.folder = folder
         self.strategy = strategy
+        self.privacy = privacy
         self.bundle = bundle
         self.total_rounds = total_rounds
         self.run_config = run_config
@@ -68,8 +76,13 @@ class RoundRecorder:
             "aggregated": report.aggregated,
             "seconds": round(now - self._last_time, 4),
         }
-        if self.strategy.privacy is not None:
-            row["epsilon"] = self.strategy.privacy.epsilon()
+        privacy = self.privacy
+        if privacy.mode == "none":
+            privacy.account_without_dp(absolute)
+        if privacy.reports_epsilon():
+            epsilon = privacy.epsilon()
+            row["epsilon"] = epsilon if math.isfinite(epsilon) else None
+            row["dp_guarantee"] = not privacy.rounds_without_dp()
         if report.client_epsilons:
             row["client_epsilon_max"] = max(report.client_epsilons)
             row["client_epsilon_mean"] = sum(report.client_epsilons) / len(report.client_epsilons)
@@ -77,8 +90,8 @@ class RoundRecorder:
         row.update({key.replace("-", "_"): value for key, value in report.val_metrics.items()})
         self._last_time = now
         self.folder.append_metrics(row)
-        if self.strategy.privacy is not None:
-            self.folder.write_json(PRIVACY_REPORT, self.strategy.privacy.report())
+        if privacy.reports_epsilon():
+            self.folder.write_json(PRIVACY_REPORT, privacy.report())
         self.folder.save_checkpoint(
             Checkpoint(absolute, arrays, self.strategy_arrays(), self.checkpoint_state())
         )
@@ -93,7 +106,7 @@ class RoundRecorder:
             "n/a" if report.train_loss is None else f"{report.train_loss:.4f}",
             report.num_replies,
             report.num_rejected,
-            f"  ε={row['epsilon']:.3f}" if "epsilon" in row else "",
+            epsilon_note(row),
             row["seconds"],
         )
         return MetricRecord({"test-loss": loss, "test-accuracy": accuracy})
@@ -102,7 +115,18 @@ class RoundRecorder:
         return {"velocity": self.strategy.velocity} if self.strategy.velocity else {}
 
     def checkpoint_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"rng": rng_state(), "run_config": self.run_config}
-        if self.strategy.privacy is not None:
-            state["privacy"] = self.strategy.privacy.state()
-        return state
+        return {
+            "rng": rng_state(),
+            "run_config": self.run_config,
+            "data": self.bundle.source_digest,
+            "privacy": self.privacy.state(),
+        }
+
+
+def epsilon_note(row: dict[str, Any]) -> str:
+    """The log line's ε: a number while the guarantee holds, never one after it is void."""
+    if "epsilon" not in row:
+        return ""
+    if row["epsilon"] is None:
+        return "  ε=∞ (no DP guarantee: a round ran without DP)"
+    return f"  ε={row['epsilon']:.3f}"

@@ -1,19 +1,25 @@
 """The run's output folder: metrics.jsonl, checkpoints, privacy report, final model, plot.
 
 Writes are atomic (temp file + rename) so an interrupted run never leaves a
-half-written checkpoint; resume reads the last complete one.
+half-written checkpoint; resume reads the last complete one. metrics.jsonl is
+appended to, so a run killed mid-append leaves a torn last line, which a read drops.
+A run holds an exclusive lock on its folder for its whole life, so two runs with
+the same run-name never interleave their files.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
 import time
+import zipfile
 from dataclasses import dataclass
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import IO, Any
 
 import numpy as np
 from flwr.common.logger import log
@@ -24,6 +30,7 @@ from fedge.records import NamedArrays
 CHECKPOINT = "checkpoint.npz"
 METRICS = "metrics.jsonl"
 PRIVACY_REPORT = "privacy.json"
+LOCK = ".lock"
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,7 @@ class RunFolder:
         self.path = path
         self.metrics_path = path / METRICS
         self.checkpoint_path = path / CHECKPOINT
+        self._lock: IO[str] | None = None
 
     @classmethod
     def for_config(cls, config: FedgeConfig) -> RunFolder:
@@ -73,19 +81,67 @@ class RunFolder:
             raise ConfigError("resume=true needs the run-name of the run to continue")
         name = config.run_name or time.strftime("%Y%m%d-%H%M%S")
         folder = cls(resolve_path(config.output_dir) / name)
-        if config.resume and not folder.checkpoint_path.is_file():
-            raise ConfigError(
-                f"resume=true but {folder.checkpoint_path} does not exist; "
-                "check output-dir and run-name, or set resume=false"
-            )
-        if not config.resume and folder.checkpoint_path.exists():
-            raise ConfigError(
-                f"{folder.path} already holds a run; set resume=true to continue it "
-                "or choose another run-name (nothing was overwritten)"
-            )
         folder.path.mkdir(parents=True, exist_ok=True)
+        folder.lock()
+        try:
+            folder.check_state(config.resume)
+        except ConfigError:
+            folder.unlock()
+            raise
         log(INFO, "fedge outputs: %s", folder.path)
         return folder
+
+    def check_state(self, resume: bool) -> None:
+        """A resume needs a checkpoint; a new run must not overwrite one."""
+        if resume and not self.checkpoint_path.is_file():
+            raise ConfigError(
+                f"resume=true but {self.checkpoint_path} does not exist; "
+                "check output-dir and run-name, or set resume=false"
+            )
+        if not resume and self.checkpoint_path.exists():
+            raise ConfigError(
+                f"{self.path} already holds a run; set resume=true to continue it "
+                "or choose another run-name (nothing was overwritten)"
+            )
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on the folder until `unlock`, failing fast if taken.
+
+        An flock belongs to the open file: the kernel drops it when the process
+        dies, however it dies, so a killed run leaves no stale lock behind.
+        """
+        handle = open(self.path / LOCK, "a+", encoding="utf-8")  # noqa: SIM115 (held open)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown process"
+            handle.close()
+            raise ConfigError(
+                f"{self.path} is in use by another fedge run ({holder}); wait for it to "
+                "finish or choose another run-name"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        self._lock = handle
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.unlock()
 
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:
         payload = {f"global/{k}": v for k, v in checkpoint.arrays.items()}
@@ -101,26 +157,52 @@ class RunFolder:
         _write_atomically(self.checkpoint_path, write)
 
     def load_checkpoint(self) -> Checkpoint:
-        with np.load(self.checkpoint_path, allow_pickle=False) as archive:
-            state = json.loads(str(archive["__state__"]))
-            groups: dict[str, NamedArrays] = {}
-            for key in archive.files:
-                if key == "__state__":
-                    continue
-                group, name = key.split("/", 1)
-                groups.setdefault(group, {})[name] = archive[key]
-        arrays = groups.pop("global")
-        return Checkpoint(int(state.pop("round")), arrays, groups, state)
+        try:
+            with np.load(self.checkpoint_path, allow_pickle=False) as archive:
+                state = json.loads(str(archive["__state__"]))
+                groups: dict[str, NamedArrays] = {}
+                for key in archive.files:
+                    if key == "__state__":
+                        continue
+                    group, name = key.split("/", 1)
+                    groups.setdefault(group, {})[name] = archive[key]
+            arrays = groups.pop("global")
+            return Checkpoint(int(state.pop("round")), arrays, groups, state)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+            raise ConfigError(
+                f"{self.checkpoint_path} is unreadable ({error!r}); restore it from a backup "
+                "or start a new run with another run-name"
+            ) from error
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """The rows; a torn last line (a run killed while appending it) is dropped and logged."""
         if not self.metrics_path.is_file():
             return []
-        with open(self.metrics_path, encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        rows = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("round"), int):
+                rows.append(row)
+            elif number == len(lines):
+                log(
+                    WARNING, "fedge: dropped a torn last line of %s: %.60r", self.metrics_path, line
+                )
+            else:
+                raise ConfigError(
+                    f"{self.metrics_path} line {number} is not a metrics row: {line[:60]!r}; "
+                    "the file is damaged: restore it or delete that line"
+                )
+        return rows
 
     def keep_metrics_through(self, last_round: int) -> None:
         """Drop rows a crashed run wrote after its last checkpoint."""
