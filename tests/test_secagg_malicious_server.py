@@ -231,3 +231,40 @@ def test_holders_reveal_no_share_at_all_for_a_set_without_quorum(shape: str, att
     target = rnd.server.params.participants[n // 2]
     shares = reveal_with_checks(rnd, ATTACKS[attack](rnd, target))
     assert shares == {"seed_shares": {}, "key_shares": {}}
+
+
+def test_one_sided_masks_from_garbled_shares_do_not_unmask_the_target() -> None:
+    """The server garbles the shares some neighbours B send the target, so the target
+    masks only with the others A while B still mask with it; then it announces every
+    node but A. At the minimal threshold (5 shares, t = 3) unchecked holders give the
+    target's seed (B and the target itself) and A's keys: the update comes out. The
+    target refuses that set (it holds fewer than t survivors), and B alone are too few.
+    """
+    rnd = make_round(10, 5, 3, length=40, seed=7)
+    params = rnd.server.params
+    target = params.participants[5]
+    peers = [p for p in params.neighbours(target) if p != target]
+    partners, garbled = peers[:2], peers[2:]  # |A| = t - 1 keeps the target uploading
+    server = rnd.server
+    payloads = server.receive_public_keys(rnd._answer(Stage.SETUP, server.setup_payloads()))
+    payloads = server.receive_encrypted_shares(rnd._answer(Stage.SHARE_KEYS, payloads))
+    to_target = payloads[target]
+    senders = cast(list[int], to_target["senders"])
+    to_target["ciphertexts"] = [
+        c[:-1] + bytes([c[-1] ^ 1]) if sender in garbled else c
+        for sender, c in zip(senders, cast(list[bytes], to_target["ciphertexts"]), strict=True)
+    ]
+    replies = rnd._answer(Stage.MASKED_INPUT, payloads)
+    assert sorted(cast(list[int], replies[target]["rejected"])) == sorted(garbled)
+    uploads = {node: cast(NDArray[np.uint32], reply["masked"]) for node, reply in replies.items()}
+    views = dict.fromkeys(params.participants, sorted(set(params.participants) - set(partners)))
+
+    control = reveal_unchecked(rnd, views)
+    recovered = unmask_one(rnd, uploads, control, target)
+    weight = min(rnd.weights[target], params.max_weight)
+    assert recovered is not None
+    assert np.abs(recovered - weight * rnd.updates[target]).max() <= params.quantizer.step
+
+    shares = reveal_with_checks(rnd, views)
+    assert unmask_one(rnd, uploads, shares, target) is None
+    assert target not in shares["seed_shares"] or len(shares["seed_shares"][target]) < 3
