@@ -257,7 +257,7 @@ class SecAggServer:
             "signers": list(self._signatures),
             "signatures": list(self._signatures.values()),
         }
-        return dict.fromkeys(self._signatures, request)
+        return {node: dict(request) for node in self._signatures}
 
     def receive_unmask_shares(self, replies: Replies) -> AggregateResult:
         """Rebuild and verify the needed secrets, strip every mask and decode the sum.
