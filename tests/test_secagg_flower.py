@@ -318,6 +318,29 @@ def test_forged_share_drops_its_sender_and_the_receiver_not_the_receiver_alone()
     assert "authentication" in strategy.report.rejected[attacker]
 
 
+def _wrong_first_seed_share(reply: Message) -> Message:
+    record = reply.content.config_records[SECAGG_PAYLOAD_KEY]
+    shares = list(record["seed_shares"])  # type: ignore[arg-type]
+    shares[0] = (int.from_bytes(shares[0], "big") ^ 1).to_bytes(len(shares[0]), "big")
+    record["seed_shares"] = shares
+    return reply
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_wrong_unmask_share_is_outvoted_and_its_sender_named(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """7 holders, t = 5: the commitment picks 5 right shares, the round sums everyone."""
+    grid = SecAggGrid(NODES)
+    attacker = NODES[-1]
+    grid.tamper[attacker, f"train.{Stage.UNMASK.value}"] = _wrong_first_seed_share
+    strategy = secure_strategy()
+    arrays, _ = train_round(strategy, grid)
+    assert_within_quantization(arrays, list(NODES), len(NODES))
+    assert f"node {attacker} misbehaved after its upload" in caplog.text
+    assert "wrong share" in caplog.text
+
+
 @pytest.mark.usefixtures("serverapp_identity")
 def test_fewer_survivors_than_threshold_leaves_the_model_unchanged() -> None:
     nodes = NODES[:5]  # complete graph: 5 shares, threshold 4
