@@ -236,6 +236,19 @@ def test_round_aborts_below_threshold(n: int, stage: Stage) -> None:
         rnd.server.receive_unmask_shares({})
 
 
+@pytest.mark.parametrize(("k", "t"), [(9, 6), (5, 4)])
+def test_survivor_silent_after_its_upload_still_counts(k: int, t: int) -> None:
+    """Gone at the consistency round: its upload is in, so its seed is rebuilt and it is
+    summed; it is not asked to unmask (it signed nothing) and is named as a fault."""
+    rnd = make_round(n=9, num_shares=k, threshold=t)
+    ids = rnd.server.params.participants
+    rnd.vanish = {Stage.CONSISTENCY: {ids[2]}}
+    result = rnd.run()
+    rnd.check(result, set(ids))
+    assert ids[2] not in rnd.inbox[Stage.UNMASK]
+    assert "no reply" in result.unmask_faults[ids[2]]
+
+
 def test_weights_above_max_weight_are_capped() -> None:
     rnd = make_round(n=4, num_shares=4, threshold=3, max_weight=10)
     rnd.weights = dict.fromkeys(rnd.weights, 25)

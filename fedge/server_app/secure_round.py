@@ -139,7 +139,7 @@ class SecureRound:
         return messages
 
     def close(self, replies: Iterable[Message], sent: Mapping[str, int]) -> AggregateResult:
-        """Collect masked uploads, run the unmasking exchange, return the decoded sum.
+        """Collect masked uploads, run the consistency and unmask exchanges, return the sum.
 
         `sent` maps the training messages' ids to their nodes (see `destinations`).
         """
