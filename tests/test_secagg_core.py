@@ -658,6 +658,18 @@ BAD_SERVER_MESSAGES: dict[str, tuple[Stage, Edit, type[Exception], str]] = {
         ProtocolError,
         "altered",
     ),
+    "own verification key replaced": (
+        Stage.SHARE_KEYS,
+        _edit("pk_sign", lambda v, n: [key[::-1] for key in v]),
+        ProtocolError,
+        "verification key",
+    ),
+    "stranger verifier": (
+        Stage.SHARE_KEYS,
+        _edit("verifiers", lambda v, n: [p if p == n else p ^ 1 for p in v]),
+        ProtocolError,
+        "not participants",
+    ),
     "low-order peer key": (Stage.SHARE_KEYS, _low_order_peer_key, ProtocolError, "low-order"),
     "misaligned keys": (
         Stage.SHARE_KEYS,
