@@ -13,7 +13,7 @@ Printed as one JSON object on stdout (logs go to stderr).
    - `fedge_secagg`: fedge's `FedgeAvg` with SecAgg+ and fedge's real ClientApp
      (`fedge.client_app.app`); one round = configure_train (setup and key
      sharing), the training exchange (masked upload), aggregate_train
-     (unmasking), as Flower's `Strategy.start` runs them.
+     (consistency and unmasking), as Flower's `Strategy.start` runs them.
    - `fedge_plain`: the same without secure aggregation (plain float32 updates).
 
    Two workloads (`--workload`): `fixed`, where local training is replaced by

@@ -25,6 +25,7 @@ from fedge.secagg import (
     SecAggServer,
     Stage,
     StoredState,
+    client_consistency,
     client_masked_input,
     client_setup,
     client_share_keys,
@@ -33,7 +34,7 @@ from fedge.secagg import (
     upload_bytes_per_client,
 )
 from fedge.secagg.client import STATE_FIELD
-from fedge.secagg.crypto import Masker
+from fedge.secagg.crypto import Masker, sign_survivors
 
 Tamper = Callable[[Stage, dict[int, Payload]], None]
 Transport = Callable[[Mapping[str, object]], Mapping[str, object]]
@@ -63,6 +64,7 @@ class Round:
         payloads = server.receive_public_keys(self._answer(Stage.SETUP, payloads))
         payloads = server.receive_encrypted_shares(self._answer(Stage.SHARE_KEYS, payloads))
         payloads = server.receive_masked_inputs(self._answer(Stage.MASKED_INPUT, payloads))
+        payloads = server.receive_signatures(self._answer(Stage.CONSISTENCY, payloads))
         return server.receive_unmask_shares(self._answer(Stage.UNMASK, payloads))
 
     def expected_sum(self, included: tuple[int, ...]) -> NDArray[np.float64]:
@@ -108,6 +110,8 @@ class Round:
         if stage is Stage.MASKED_INPUT:
             stage = client_masked_input(state, payload)
             return stage.state, stage.upload(self.updates[node], self.weights[node])
+        if stage is Stage.CONSISTENCY:
+            return client_consistency(state, payload)
         return client_unmask(state, payload)
 
 
@@ -175,7 +179,7 @@ def test_secure_sum_matches_weighted_sum_under_any_dropout(
 
 
 def _sparse_round_succeeds(rnd: Round, survivors: set[int]) -> bool:
-    """Bell et al.'s condition: t survivors overall and t holders for every needed secret."""
+    """Bell et al.'s condition: a signature quorum of survivors, t holders per needed secret."""
     params = rnd.server.params
     t = params.threshold
 
@@ -184,7 +188,7 @@ def _sparse_round_succeeds(rnd: Round, survivors: set[int]) -> bool:
 
     dropped = set(params.participants) - survivors
     return (
-        len(survivors) >= t
+        len(survivors) >= params.signature_quorum
         and all(holders(u) >= t for u in survivors)
         and all(holders(i) == 0 or holders(i) >= t for i in dropped)
     )
@@ -230,6 +234,19 @@ def test_round_aborts_below_threshold(n: int, stage: Stage) -> None:
         rnd.run()
     with pytest.raises(SecAggAbort, match="already aborted"):
         rnd.server.receive_unmask_shares({})
+
+
+@pytest.mark.parametrize(("k", "t"), [(9, 6), (5, 4)])
+def test_survivor_silent_after_its_upload_still_counts(k: int, t: int) -> None:
+    """Gone at the consistency round: its upload is in, so its seed is rebuilt and it is
+    summed; it is not asked to unmask (it signed nothing) and is named as a fault."""
+    rnd = make_round(n=9, num_shares=k, threshold=t)
+    ids = rnd.server.params.participants
+    rnd.vanish = {Stage.CONSISTENCY: {ids[2]}}
+    result = rnd.run()
+    rnd.check(result, set(ids))
+    assert ids[2] not in rnd.inbox[Stage.UNMASK]
+    assert "no reply" in result.unmask_faults[ids[2]]
 
 
 def test_weights_above_max_weight_are_capped() -> None:
@@ -333,7 +350,6 @@ def _set(key: str, value: object) -> Mutation:
 
 
 TAMPERS: dict[str, tuple[Stage, Mutation, str]] = {
-    "flipped ciphertext byte": (Stage.SHARE_KEYS, _flip_ciphertext_byte, "authentication"),
     "rerouted ciphertexts": (Stage.SHARE_KEYS, _reroute_ciphertexts, "authentication"),
     "duplicate receiver": (Stage.SHARE_KEYS, _duplicate_receiver, "duplicate"),
     "missing receiver": (Stage.SHARE_KEYS, _skip_last_receiver, "addressed"),
@@ -375,26 +391,90 @@ def test_malformed_unmask_reply_is_ignored_and_input_still_counts() -> None:
     rnd.check(result, set(rnd.server.params.participants))
 
 
-@pytest.mark.parametrize("kind", ["seed_shares", "key_shares"])
-def test_wrong_but_wellformed_share_aborts_instead_of_a_wrong_sum(kind: str) -> None:
-    rnd = make_round(n=6, num_shares=6, threshold=4)
-    ids = rnd.server.params.participants
-    rnd.vanish = {Stage.MASKED_INPUT: {ids[-1]}}  # so that key shares are requested too
+def _corrupt_first_share(rnd: Round, culprit: int, kind: str) -> None:
+    """Make `culprit` send a well-formed but wrong first share of `kind` at UNMASK."""
 
     def corrupt(stage: Stage, replies: dict[int, Payload]) -> None:
         if stage is Stage.UNMASK:
-            first, *rest = replies[ids[0]][kind]  # type: ignore[misc]
-            replies[ids[0]][kind] = [(int.from_bytes(first, "big") ^ 1).to_bytes(66, "big"), *rest]
+            first, *rest = replies[culprit][kind]  # type: ignore[misc]
+            replies[culprit][kind] = [(int.from_bytes(first, "big") ^ 1).to_bytes(66, "big"), *rest]
 
     rnd.tamper = corrupt
+
+
+@pytest.mark.parametrize("kind", ["seed_shares", "key_shares"])
+def test_wrong_share_is_named_and_the_round_still_sums_right(kind: str) -> None:
+    """With more than t shares, the commitment picks the right ones and names the liar."""
+    rnd = make_round(n=6, num_shares=6, threshold=4)
+    ids = rnd.server.params.participants
+    rnd.vanish = {Stage.MASKED_INPUT: {ids[-1]}}  # so that key shares are requested too
+    _corrupt_first_share(rnd, ids[0], kind)
+    result = rnd.run()
+    assert list(result.unmask_faults) == [ids[0]]
+    assert "wrong share" in result.unmask_faults[ids[0]]
+    rnd.check(result, set(ids[:-1]))
+
+
+@pytest.mark.parametrize("kind", ["seed_shares", "key_shares"])
+def test_wrong_share_among_only_t_aborts_instead_of_a_wrong_sum(kind: str) -> None:
+    rnd = make_round(n=6, num_shares=6, threshold=4)
+    ids = rnd.server.params.participants
+    rnd.vanish = {Stage.MASKED_INPUT: set(ids[-2:])}  # 4 survivors: exactly t holders
+    _corrupt_first_share(rnd, ids[0], kind)
     with pytest.raises(SecAggAbort, match="commitment"):
         rnd.run()
 
 
+def test_lone_false_accusation_drops_the_pair_not_the_accused_alone() -> None:
+    rnd = make_round(n=7, num_shares=7, threshold=4)
+    ids = rnd.server.params.participants
+    accuser, accused = ids[0], ids[3]
+    rnd.tamper = lambda s, replies: (
+        _set("rejected", [accused])(rnd, replies[accuser]) if s is Stage.MASKED_INPUT else None
+    )
+    result = rnd.run()
+    assert set(result.dropped) == {accuser, accused}
+    assert "reported node" in result.dropped[accuser]
+    rnd.check(result, set(ids) - {accuser, accused})
+
+
+def test_lone_corrupted_ciphertext_drops_the_pair() -> None:
+    """One garbled ciphertext: sender or receiver may be lying, so both leave."""
+    rnd = make_round(n=7, num_shares=7, threshold=4)
+    culprit = min(rnd.server.params.participants)
+    rnd.tamper = lambda s, replies: (
+        _flip_ciphertext_byte(rnd, replies[culprit]) if s is Stage.SHARE_KEYS else None
+    )
+    result = rnd.run()
+    receiver = cast(list[int], rnd.replies[Stage.SHARE_KEYS][culprit]["receivers"])[0]
+    assert set(result.dropped) == {culprit, receiver}
+    assert "authentication" in result.dropped[culprit]
+    rnd.check(result, set(rnd.server.params.participants) - {culprit, receiver})
+
+
+@pytest.mark.parametrize(("n", "k", "t"), [(10, 10, 7), (10, 5, 4), (20, 7, 5)])
+def test_accusing_everyone_drops_only_the_accuser(n: int, k: int, t: int) -> None:
+    rnd = make_round(n=n, num_shares=k, threshold=t, length=20)
+    ids = rnd.server.params.participants
+    accuser = ids[0]
+
+    def accuse_all(stage: Stage, replies: dict[int, Payload]) -> None:
+        if stage is Stage.MASKED_INPUT:
+            _, payload = rnd.inbox[Stage.MASKED_INPUT][accuser]
+            replies[accuser]["rejected"] = list(cast(list[int], payload["senders"]))
+
+    rnd.tamper = accuse_all
+    result = rnd.run()
+    assert list(result.dropped) == [accuser]
+    assert "disputes" in result.dropped[accuser]
+    rnd.check(result, set(ids) - {accuser})
+
+
 REPLY_KEYS = {
-    Stage.SETUP: ["stage", "pk_enc", "pk_mask", "seed_commitment"],
+    Stage.SETUP: ["stage", "pk_enc", "pk_mask", "pk_sign", "seed_commitment"],
     Stage.SHARE_KEYS: ["stage", "receivers", "ciphertexts"],
     Stage.MASKED_INPUT: ["stage", "rejected", "masked"],
+    Stage.CONSISTENCY: ["stage", "signature"],
     Stage.UNMASK: ["stage", "seed_shares", "key_shares"],
 }
 DELETE = object()
@@ -421,7 +501,7 @@ def test_fuzzed_reply_field_never_crashes_the_server(stage: Stage, key: str, jun
     rnd.tamper = fuzz
     result = rnd.run()
     survivors = set(rnd.server.params.participants) - {culprit}
-    if stage is Stage.UNMASK:
+    if stage in (Stage.CONSISTENCY, Stage.UNMASK):  # its upload is in: it stays in the sum
         assert culprit in result.unmask_faults
         survivors.add(culprit)
     else:
@@ -441,7 +521,8 @@ def test_non_mapping_reply_drops_its_sender(stage: Stage, junk: object) -> None:
 
     rnd.tamper = replace
     result = rnd.run()
-    faults = result.unmask_faults if stage is Stage.UNMASK else result.dropped
+    late = stage in (Stage.CONSISTENCY, Stage.UNMASK)
+    faults = result.unmask_faults if late else result.dropped
     assert "mapping" in faults[culprit]
 
 
@@ -473,14 +554,37 @@ def _edit(key: str, new: Callable[[Any, int], object]) -> Edit:
     return apply
 
 
-def _ask_both_kinds(payload: Payload, node: int) -> None:
+def _other_survivor_set(payload: Payload, node: int) -> None:
     survivors = cast(list[int], payload["survivors"])
-    payload["dropped"] = [p for p in survivors if p != node][:1]
+    payload["survivors"] = [*[p for p in survivors if p != node][:-1], node]
 
 
 def _drop_self(payload: Payload, node: int) -> None:
     payload["survivors"] = [p for p in cast(list[int], payload["survivors"]) if p != node]
-    payload["dropped"] = [node]
+
+
+def _only_self_and_one(payload: Payload, node: int) -> None:
+    """A set of 2 the node could sign: with t = 3, unmasking for it would expose a peer."""
+    payload["survivors"] = [
+        node,
+        next(p for p in cast(list[int], payload["survivors"]) if p != node),
+    ]
+
+
+def _signatures_short_of_quorum(payload: Payload, node: int) -> None:
+    for key in ("signers", "signatures"):
+        payload[key] = cast(list[Any], payload[key])[:2]  # quorum 3 of 5
+
+
+def _forged_signatures(payload: Payload, node: int) -> None:
+    payload["signatures"] = [
+        s[:-1] + bytes([s[-1] ^ 1]) for s in cast(list[bytes], payload["signatures"])
+    ]
+
+
+def _one_signer_many_times(payload: Payload, node: int) -> None:
+    signers = cast(list[int], payload["signers"])
+    payload["signers"] = [signers[0]] * len(signers)
 
 
 def _low_order_peer_key(payload: Payload, node: int) -> None:
@@ -554,6 +658,18 @@ BAD_SERVER_MESSAGES: dict[str, tuple[Stage, Edit, type[Exception], str]] = {
         ProtocolError,
         "altered",
     ),
+    "own verification key replaced": (
+        Stage.SHARE_KEYS,
+        _edit("pk_sign", lambda v, n: [key[::-1] for key in v]),
+        ProtocolError,
+        "verification key",
+    ),
+    "stranger verifier": (
+        Stage.SHARE_KEYS,
+        _edit("verifiers", lambda v, n: [p if p == n else p ^ 1 for p in v]),
+        ProtocolError,
+        "not participants",
+    ),
     "low-order peer key": (Stage.SHARE_KEYS, _low_order_peer_key, ProtocolError, "low-order"),
     "misaligned keys": (
         Stage.SHARE_KEYS,
@@ -574,13 +690,28 @@ BAD_SERVER_MESSAGES: dict[str, tuple[Stage, Edit, type[Exception], str]] = {
         ProtocolError,
         "entries",
     ),
-    "both kinds for a peer": (Stage.UNMASK, _ask_both_kinds, ProtocolError, "both share kinds"),
-    "own key share": (Stage.UNMASK, _drop_self, ProtocolError, "alive"),
-    "unknown peer": (
-        Stage.UNMASK,
+    "set without the node": (Stage.CONSISTENCY, _drop_self, ProtocolError, "alive"),
+    "stranger survivor": (
+        Stage.CONSISTENCY,
         _edit("survivors", lambda v, n: [*v, 7]),
         ProtocolError,
-        "holds no shares",
+        "not participants",
+    ),
+    "too few held survivors": (Stage.CONSISTENCY, _only_self_and_one, SecAggAbort, "threshold"),
+    "another set than signed": (Stage.UNMASK, _other_survivor_set, ProtocolError, "signed"),
+    "signatures short of quorum": (
+        Stage.UNMASK,
+        _signatures_short_of_quorum,
+        ProtocolError,
+        "valid survivor-set signatures",
+    ),
+    "forged signatures": (Stage.UNMASK, _forged_signatures, ProtocolError, "valid"),
+    "one signer counted twice": (Stage.UNMASK, _one_signer_many_times, ProtocolError, "duplicate"),
+    "misaligned signatures": (
+        Stage.UNMASK,
+        _edit("signatures", lambda v, n: v[:-1]),
+        ProtocolError,
+        "entries",
     ),
 }
 
@@ -603,7 +734,7 @@ def test_client_rejects_malformed_server_message(
         rnd.call_client(stage, node, state, payload)
 
 
-@pytest.mark.parametrize("stage", [Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK])
+@pytest.mark.parametrize("stage", list(Stage)[1:])
 def test_client_rejects_replayed_or_reordered_messages(stage: Stage) -> None:
     rnd = _recorded_round()
     node = rnd.server.params.participants[0]
@@ -630,31 +761,54 @@ def test_client_reports_unauthentic_shares_and_aborts_when_too_few_remain(
         assert reply["rejected"] == cast(list[int], payload["senders"])[:corrupted]
 
 
+def _signed_by_everyone(rnd: Round, survivors: list[int]) -> Payload:
+    """An unmask request for `survivors` carrying every participant's valid signature."""
+    ids = rnd.server.params.participants
+    rs = rnd.server.params.round_seed
+    keys = {node: cast(ClientState, rnd.states[node]).sign_private for node in ids}
+    return {
+        "stage": Stage.UNMASK.value,
+        "survivors": survivors,
+        "signers": list(ids),
+        "signatures": [sign_survivors(keys[node], rs, survivors) for node in ids],
+    }
+
+
 @settings(max_examples=40, deadline=None)
 @given(data=st.data())
-def test_client_never_reveals_both_share_kinds_for_one_peer(data: st.DataObject) -> None:
+def test_client_reveals_one_share_kind_per_node_and_only_for_the_set_it_signed(
+    data: st.DataObject,
+) -> None:
+    """Whatever survivor set a server announces, a holder reveals the seed share of the
+    held survivors and the key share of the other held nodes, never both for one node."""
     rnd = _recorded_round()
-    node = rnd.server.params.participants[0]
-    state, _ = rnd.inbox[Stage.UNMASK][node]
+    ids = rnd.server.params.participants
+    node = ids[0]
+    state, _ = rnd.inbox[Stage.CONSISTENCY][node]
     assert isinstance(state, ClientState)
-    held = list(state.held)
-    survivors = data.draw(st.lists(st.sampled_from(held), unique=True))
-    dropped = data.draw(st.lists(st.sampled_from(held), unique=True))
-    request: Payload = {"stage": Stage.UNMASK.value, "survivors": survivors, "dropped": dropped}
-    if set(survivors) & set(dropped) or node in dropped:
-        with pytest.raises(ProtocolError):
-            client_unmask(state, request)
+    others = data.draw(st.lists(st.sampled_from(ids[1:]), unique=True))
+    survivors = sorted({node, *others})
+    request: Payload = {"stage": Stage.CONSISTENCY.value, "survivors": survivors}
+    if len(set(state.held) & set(survivors)) < state.params.threshold:
+        with pytest.raises(SecAggAbort, match="threshold"):
+            client_consistency(state, request)
         return
-    new_state, reply = client_unmask(state, request)
+    signed, _ = client_consistency(state, request)
+    unmask_request = _signed_by_everyone(rnd, survivors)
+    new_state, reply = client_unmask(signed, unmask_request)
     shares = dict(
         zip(
             state.held, zip(state.held_seed_shares, state.held_key_shares, strict=True), strict=True
         )
     )
-    assert reply["seed_shares"] == [shares[p][0] for p in survivors]
-    assert reply["key_shares"] == [shares[p][1] for p in dropped]
+    held = sorted(state.held)
+    assert reply["seed_shares"] == [shares[p][0] for p in held if p in survivors]
+    assert reply["key_shares"] == [shares[p][1] for p in held if p not in survivors]
     with pytest.raises(ProtocolError, match="expecting nothing"):
-        client_unmask(new_state, {**request, "survivors": [], "dropped": survivors})
+        client_unmask(new_state, unmask_request)
+    other = _signed_by_everyone(rnd, sorted(set(ids) - {ids[-1]} if ids[-1] in survivors else ids))
+    with pytest.raises(ProtocolError, match="signed"):
+        client_unmask(signed, other)  # a second, differently signed set is refused
 
 
 def _recorded_states() -> list[StoredState]:
@@ -685,7 +839,7 @@ def test_corrupt_stored_state_is_rejected() -> None:
     object.__setattr__(bad_params, "threshold", 1)  # below num_shares / 2: never accepted
     corrupt = {
         "not bytes": "text",
-        "other version": blob.replace(b"state/1", b"state/2", 1),
+        "other version": blob.replace(b"state/2", b"state/1", 1),
         "truncated": blob[:-1],
         "trailing": blob + b"\0",
         "stage 0": _stored(replace(state, next_stage=0)),
@@ -695,7 +849,7 @@ def test_corrupt_stored_state_is_rejected() -> None:
         "bad params": _stored(replace(state, params=bad_params)),
         "keys truncated": _stored(keys)[:-1],
         "keys trailing": _stored(keys) + b"\0",
-        "keys other version": _stored(keys).replace(b"keys/1", b"keys/2", 1),
+        "keys other version": _stored(keys).replace(b"keys/2", b"keys/1", 1),
     }
     for name, value in corrupt.items():
         with pytest.raises(ProtocolError):

@@ -280,9 +280,6 @@ TAMPERINGS: dict[str, tuple[Stage, Tamper, str]] = {
         lambda r: _relabel(r, Stage.SHARE_KEYS),
         "expected stage",
     ),
-    # a forged share for one peer: that peer reports the sender, who is dropped
-    # even though its (well-formed) masked upload did arrive
-    "forged-ciphertext": (Stage.SHARE_KEYS, _corrupt_first_ciphertext, "authentication"),
 }
 
 
@@ -303,6 +300,45 @@ def test_tampered_reply_drops_only_its_sender(kind: str) -> None:
     assert (report.num_replies, report.num_rejected) == (6, 1)
     assert set(report.rejected) == {attacker}
     assert reason in report.rejected[attacker]
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_forged_share_drops_its_sender_and_the_receiver_not_the_receiver_alone() -> None:
+    """A forged share for one peer: that peer reports the sender; either may lie, so the
+    server drops both, although both well-formed masked uploads did arrive."""
+    grid = SecAggGrid(NODES)
+    attacker = NODES[-1]
+    grid.tamper[attacker, f"train.{Stage.SHARE_KEYS.value}"] = _corrupt_first_ciphertext
+    strategy = secure_strategy()
+    arrays, _ = train_round(strategy, grid)
+    victim = min(set(NODES) - {attacker})  # the first receiver: receivers come sorted
+    honest = [node for node in NODES if node not in (attacker, victim)]
+    assert_within_quantization(arrays, honest, len(NODES))
+    assert set(strategy.report.rejected) == {attacker, victim}
+    assert "authentication" in strategy.report.rejected[attacker]
+
+
+def _wrong_first_seed_share(reply: Message) -> Message:
+    record = reply.content.config_records[SECAGG_PAYLOAD_KEY]
+    shares = list(record["seed_shares"])  # type: ignore[arg-type]
+    shares[0] = (int.from_bytes(shares[0], "big") ^ 1).to_bytes(len(shares[0]), "big")
+    record["seed_shares"] = shares
+    return reply
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_wrong_unmask_share_is_outvoted_and_its_sender_named(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """7 holders, t = 5: the commitment picks 5 right shares, the round sums everyone."""
+    grid = SecAggGrid(NODES)
+    attacker = NODES[-1]
+    grid.tamper[attacker, f"train.{Stage.UNMASK.value}"] = _wrong_first_seed_share
+    strategy = secure_strategy()
+    arrays, _ = train_round(strategy, grid)
+    assert_within_quantization(arrays, list(NODES), len(NODES))
+    assert f"node {attacker} misbehaved after its upload" in caplog.text
+    assert "wrong share" in caplog.text
 
 
 @pytest.mark.usefixtures("serverapp_identity")
@@ -354,16 +390,17 @@ def test_dropout_before_key_sharing_trains_only_the_rest() -> None:
 @pytest.mark.usefixtures("serverapp_identity")
 def test_keys_are_shared_a_round_ahead_when_the_clients_stay_the_same() -> None:
     """Round r+1's setup rides on round r's training messages and its key sharing on
-    round r's unmask requests, so such a round takes two exchanges.
+    round r's unmask requests, so such a round takes three exchanges (training,
+    consistency, unmask).
 
     A node that misses round 1's unmask exchange (its upload still counts) misses
     round 2's key sharing: round 2 then shares keys itself, with it; round 3 is
-    back to two exchanges. Every round's sum is checked.
+    back to three exchanges. Every round's sum is checked.
     """
     grid = SecAggGrid(NODES)
     grid.kill_at[NODES[0]] = f"train.{Stage.UNMASK.value}"
     strategy = secure_strategy(num_shares=5)
-    pipelined = [f"train.{Stage.MASKED_INPUT.value}", f"train.{Stage.UNMASK.value}"]
+    pipelined = [f"train.{s.value}" for s in (Stage.MASKED_INPUT, Stage.CONSISTENCY, Stage.UNMASK)]
     for stages in (STAGES, STAGES, pipelined):
         grid.sent.clear()
         arrays, _ = train_round(strategy, grid)

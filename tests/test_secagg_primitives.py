@@ -19,11 +19,15 @@ from fedge.secagg.crypto import (
     decrypt_share,
     digest,
     encrypt_share,
+    new_signing_key,
     public_key,
     seed_commitment,
+    sign_survivors,
+    survivors_signed,
+    verification_key,
 )
 from fedge.secagg.quantize import ENCODE_BLOCK
-from fedge.secagg.shamir import PRIME, SHARE_BYTES, combine, split
+from fedge.secagg.shamir import PRIME, SHARE_BYTES, combine, share_at, split
 
 FAST = settings(max_examples=60, deadline=None)
 MAX_PRODUCT = (2**31 - 1) >> 8  # largest safe num_clients * max_weight
@@ -45,6 +49,25 @@ def test_any_threshold_shares_recover_the_secret_and_fewer_do_not(
         # t - 1 shares interpolate to an unrelated field element, usually too large
         with contextlib.suppress(ValueError):
             assert combine({x: shares[x] for x in chosen[: t - 1]}, 32) != secret
+
+
+@FAST
+@given(secret=st.binary(min_size=32, max_size=32), n=st.integers(2, 12), data=st.data())
+def test_t_right_shares_predict_every_other_share(
+    secret: bytes, n: int, data: st.DataObject
+) -> None:
+    """What the server uses to name a wrong share: t right ones give all the others."""
+    t = data.draw(st.integers(1, n - 1))
+    xs = list(range(1, n + 1))
+    shares = dict(zip(xs, split(secret, xs, t), strict=True))
+    good = {x: shares[x] for x in xs[:t]}
+    for x in xs[t:]:
+        assert share_at(good, x) == shares[x]
+        wrong = (int.from_bytes(shares[x], "big") ^ 1).to_bytes(SHARE_BYTES, "big")
+        assert share_at(good, x) != wrong
+        # and a wrong share among t always moves the secret (its Lagrange weight is not 0)
+        with contextlib.suppress(ValueError):
+            assert combine({**dict(list(good.items())[1:]), x: wrong}, 32) != secret
 
 
 def test_shamir_field_is_prime_and_shares_are_fixed_size() -> None:
@@ -166,6 +189,26 @@ def test_commitment_and_digest_separate_their_inputs() -> None:
     assert len({base, seed_commitment(b"s" * 32, 1, SEED), seed_commitment(SEED, 2, SEED)}) == 3
     assert base != seed_commitment(SEED, 1, b"s" * 32)
     assert digest(b"ab", b"c") != digest(b"a", b"bc")
+
+
+def test_survivor_signature_binds_key_round_and_exact_set() -> None:
+    private, public = new_signing_key()
+    assert verification_key(private) == public
+    other_private, other_public = new_signing_key()
+    survivors = [5, 3, 9]
+    signature = sign_survivors(private, SEED, survivors)
+    assert survivors_signed(public, signature, SEED, survivors)
+    assert survivors_signed(public, signature, SEED, [3, 5, 9])  # a set: order is not signed
+    assert not survivors_signed(other_public, signature, SEED, survivors)
+    assert not survivors_signed(public, signature, b"s" * 32, survivors)
+    assert not survivors_signed(public, signature, SEED, [3, 5])
+    assert not survivors_signed(public, signature, SEED, [3, 5, 9, 11])
+    assert not survivors_signed(
+        public, signature[:-1] + bytes([signature[-1] ^ 1]), SEED, survivors
+    )
+    assert not survivors_signed(public, b"short", SEED, survivors)
+    assert not survivors_signed(b"not a key", signature, SEED, survivors)
+    assert sign_survivors(other_private, SEED, survivors) != signature
 
 
 # --- quantization ----------------------------------------------------------------------

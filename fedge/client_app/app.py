@@ -71,6 +71,11 @@ def secagg_masked_input(msg: Message, context: Context) -> Message:
     )
 
 
+@app.train(Stage.CONSISTENCY.value)
+def secagg_consistency(msg: Message, context: Context) -> Message:
+    return secure_client.consistency(msg, context)
+
+
 @app.train(Stage.UNMASK.value)
 def secagg_unmask(msg: Message, context: Context) -> Message:
     return secure_client.unmask(msg, context)

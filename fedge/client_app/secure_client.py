@@ -31,6 +31,7 @@ from fedge.secagg import (
     ProtocolError,
     SecAggAbort,
     StoredState,
+    client_consistency,
     client_masked_input,
     client_setup,
     client_share_keys,
@@ -120,6 +121,13 @@ def masked_input(msg: Message, context: Context, local_update: LocalUpdate) -> M
         payload = stage.upload(vector, weight, None if mask is None else mask.result())
     _store(context, stage.state)
     return _reply(msg, {**payload, **next_reply})
+
+
+def consistency(msg: Message, context: Context) -> Message:
+    """Sign the announced survivor set (once per round) if unmasking for it is safe."""
+    state, payload = client_consistency(_stored_state(context), records_to_payload(msg.content))
+    _store(context, state)
+    return _reply(msg, payload)
 
 
 def unmask(msg: Message, context: Context) -> Message:

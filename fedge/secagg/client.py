@@ -21,11 +21,16 @@ from numpy.typing import NDArray
 
 from fedge.secagg.crypto import (
     KEY_BYTES,
+    SIGNATURE_BYTES,
     KeyPair,
     Masker,
     decrypt_share,
     encrypt_share,
+    new_signing_key,
     seed_commitment,
+    sign_survivors,
+    survivors_signed,
+    verification_key,
 )
 from fedge.secagg.errors import ProtocolError, SecAggAbort
 from fedge.secagg.messages import (
@@ -48,8 +53,8 @@ STATE_FIELD = "state"
 # Stored-state format: this tag (name and version), then big-endian fixed-width
 # fields; each id list carries a 32-bit count, and the byte strings aligned
 # with it follow as one block.
-_STATE_TAG = b"fedge-secagg-state/1"
-_KEYS_TAG = b"fedge-secagg-keys/1"
+_STATE_TAG = b"fedge-secagg-state/2"
+_KEYS_TAG = b"fedge-secagg-keys/2"
 _STATE_HEAD = struct.Struct(">QBQQQdQ")  # node_id, next_stage, then the numeric params
 _NODE = struct.Struct(">Q")
 _COUNT = struct.Struct(">I")
@@ -68,6 +73,7 @@ class RoundKeys:
     enc_private: bytes  # X25519 key for share encryption
     mask_private: bytes  # X25519 key for pairwise masks (secret-shared)
     seed: bytes  # self-mask seed b (secret-shared)
+    sign_private: bytes  # Ed25519 key that signs this round's survivor set
 
     def to_dict(self) -> StateDict:
         """The keys as one bytes entry, like `ClientState.to_dict`."""
@@ -80,6 +86,7 @@ class RoundKeys:
                 self.enc_private,
                 self.mask_private,
                 self.seed,
+                self.sign_private,
             ]
         )
         return {STATE_FIELD: blob}
@@ -88,7 +95,7 @@ class RoundKeys:
     def _read(cls, reader: _Reader) -> RoundKeys:
         (node_id,) = reader.unpack(_NODE)
         round_seed = reader.take(reader.count())
-        keys = cls(node_id, round_seed, *reader.blocks(3, KEY_BYTES))
+        keys = cls(node_id, round_seed, *reader.blocks(4, KEY_BYTES))
         reader.finish()
         return keys
 
@@ -103,12 +110,16 @@ class ClientState:
     enc_private: bytes  # X25519 key for share encryption
     mask_private: bytes  # X25519 key for pairwise masks (secret-shared)
     seed: bytes  # self-mask seed b (secret-shared)
+    sign_private: bytes  # Ed25519 key that signs this round's survivor set
     partners: tuple[int, ...] = ()  # live neighbours but self, announced at SHARE_KEYS
     share_keys: tuple[bytes, ...] = ()  # per partner: key of the shares exchanged with it
     mask_seeds: tuple[bytes, ...] = ()  # per partner: seed of the pairwise mask
     held: tuple[int, ...] = ()  # nodes whose shares this client holds, self included
     held_seed_shares: tuple[bytes, ...] = ()
     held_key_shares: tuple[bytes, ...] = ()
+    verifiers: tuple[int, ...] = ()  # participants whose verification keys came at SHARE_KEYS
+    verify_keys: tuple[bytes, ...] = ()  # their Ed25519 public keys, aligned
+    signed: tuple[int, ...] = ()  # the survivor set this client signed (sorted), once
 
     def to_dict(self) -> StateDict:
         """The state as one bytes entry (e.g. for Flower's context.state).
@@ -136,12 +147,16 @@ class ClientState:
                 self.enc_private,
                 self.mask_private,
                 self.seed,
+                self.sign_private,
                 _pack_ids(self.partners),
                 *self.share_keys,
                 *self.mask_seeds,
                 _pack_ids(self.held),
                 *self.held_seed_shares,
                 *self.held_key_shares,
+                _pack_ids(self.verifiers),
+                *self.verify_keys,
+                _pack_ids(self.signed),
             ]
         )
         return {STATE_FIELD: blob}
@@ -157,27 +172,31 @@ class ClientState:
         )
         if not 1 <= next_stage <= _DONE or node_id not in participants:
             raise ProtocolError("stored state has an invalid stage or node id")
-        enc_private, mask_private, seed = reader.blocks(3, KEY_BYTES)
+        secrets = reader.blocks(4, KEY_BYTES)
         partners = reader.ids()
         share_keys = reader.blocks(len(partners), KEY_BYTES)
         mask_seeds = reader.blocks(len(partners), KEY_BYTES)
         held = reader.ids()
         held_seed_shares = reader.blocks(len(held), SHARE_BYTES)
         held_key_shares = reader.blocks(len(held), SHARE_BYTES)
+        verifiers = reader.ids()
+        verify_keys = reader.blocks(len(verifiers), KEY_BYTES)
+        signed = reader.ids()
         reader.finish()
         return cls(
             node_id,
             params,
             next_stage,
-            enc_private,
-            mask_private,
-            seed,
+            *secrets,
             partners,
             share_keys,
             mask_seeds,
             held,
             held_seed_shares,
             held_key_shares,
+            verifiers,
+            verify_keys,
+            signed,
         )
 
 
@@ -242,8 +261,8 @@ def _pack_ids(ids: tuple[int, ...]) -> bytes:
 def client_setup(node_id: int, payload: Mapping[str, object]) -> tuple[RoundKeys, Payload]:
     """Create fresh keys and a self-mask seed for the round seed in `payload`.
 
-    Payload: node_id, round_seed. Reply: pk_enc, pk_mask (32 bytes each),
-    seed_commitment (32 bytes).
+    Payload: node_id, round_seed. Reply: pk_enc, pk_mask, pk_sign (32 bytes
+    each), seed_commitment (32 bytes).
     """
     expect_stage(payload, Stage.SETUP)
     if read_int(payload, "node_id") != node_id:
@@ -252,11 +271,15 @@ def client_setup(node_id: int, payload: Mapping[str, object]) -> tuple[RoundKeys
     if len(round_seed) < MIN_ROUND_SEED_BYTES:
         raise ProtocolError(f"round_seed must have at least {MIN_ROUND_SEED_BYTES} bytes")
     enc, mask = KeyPair(), KeyPair()
-    keys = RoundKeys(node_id, round_seed, enc.private, mask.private, os.urandom(KEY_BYTES))
+    sign_private, sign_public = new_signing_key()
+    keys = RoundKeys(
+        node_id, round_seed, enc.private, mask.private, os.urandom(KEY_BYTES), sign_private
+    )
     reply: Payload = {
         STAGE_KEY: Stage.SETUP.value,
         "pk_enc": enc.public,
         "pk_mask": mask.public,
+        "pk_sign": sign_public,
         "seed_commitment": seed_commitment(keys.seed, node_id, round_seed),
     }
     return keys, reply
@@ -268,7 +291,8 @@ def client_share_keys(
     """Validate the round parameters; secret-share the seed and mask key among neighbours.
 
     Payload: the round parameters (see SecAggParams.to_payload), neighbours (ids,
-    self included), pk_enc and pk_mask (aligned). Reply: receivers (ids) and
+    self included), pk_enc and pk_mask (aligned); verifiers (the participants
+    that sent keys) and pk_sign (aligned). Reply: receivers (ids) and
     ciphertexts (aligned), one per neighbour but self.
     """
     keys = _expect(stored, payload, Stage.SHARE_KEYS)
@@ -278,8 +302,23 @@ def client_share_keys(
         raise ProtocolError("the round seed differs from the one this node's keys commit to")
     if me not in params.participants:
         raise ProtocolError(f"node {me} is not among the participants")
+    verifiers = read_ids(payload, "verifiers")
+    verify_keys = read_bytes_list(payload, "pk_sign", len(verifiers), KEY_BYTES)
+    if not set(verifiers) <= set(params.participants):
+        raise ProtocolError("verification keys of nodes that are not participants")
+    own_key = verification_key(keys.sign_private)
+    if me not in verifiers or verify_keys[verifiers.index(me)] != own_key:
+        raise ProtocolError("the server altered or left out this node's own verification key")
     state = ClientState(
-        me, params, STAGES.index(Stage.SHARE_KEYS), keys.enc_private, keys.mask_private, keys.seed
+        me,
+        params,
+        STAGES.index(Stage.SHARE_KEYS),
+        keys.enc_private,
+        keys.mask_private,
+        keys.seed,
+        keys.sign_private,
+        verifiers=tuple(verifiers),
+        verify_keys=tuple(verify_keys),
     )
     peers = read_ids(payload, "neighbours")
     enc_keys = read_bytes_list(payload, "pk_enc", len(peers), KEY_BYTES)
@@ -397,7 +436,7 @@ def client_masked_input(stored: StoredState, payload: Mapping[str, object]) -> M
         )
     state = replace(
         state,
-        next_stage=STAGES.index(Stage.UNMASK),
+        next_stage=STAGES.index(Stage.CONSISTENCY),
         held=state.held + tuple(accepted),
         held_seed_shares=state.held_seed_shares + tuple(seed for seed, _ in accepted.values()),
         held_key_shares=state.held_key_shares + tuple(key for _, key in accepted.values()),
@@ -406,35 +445,90 @@ def client_masked_input(stored: StoredState, payload: Mapping[str, object]) -> M
     return MaskedInput(state, tuple(accepted), rejected)
 
 
+def client_consistency(
+    stored: StoredState, payload: Mapping[str, object]
+) -> tuple[ClientState, Payload]:
+    """Sign the announced survivor set, once, if this node could safely unmask for it.
+
+    Payload: survivors (the ids whose masked input the server kept). Reply:
+    signature (64 bytes). Refuses (ProtocolError) a set without this node or
+    with strangers, and (SecAggAbort) one that leaves fewer than t of the
+    nodes whose shares it holds, itself included: revealing for such a set
+    could expose a lone survivor.
+    """
+    state = _expect(stored, payload, Stage.CONSISTENCY)
+    assert isinstance(state, ClientState)
+    survivors = sorted(read_ids(payload, "survivors"))
+    _check_survivors(state, survivors)
+    signature = sign_survivors(state.sign_private, state.params.round_seed, survivors)
+    state = replace(state, next_stage=STAGES.index(Stage.UNMASK), signed=tuple(survivors))
+    return state, {STAGE_KEY: Stage.CONSISTENCY.value, "signature": signature}
+
+
 def client_unmask(
     stored: StoredState, payload: Mapping[str, object]
 ) -> tuple[ClientState, Payload]:
-    """Reveal seed shares of survivors or key shares of dropped nodes, never both.
+    """Reveal seed shares of survivors and key shares of the rest, never both for one node.
 
-    Payload: survivors and dropped (ids, disjoint, among the nodes whose shares
-    this client holds). Reply: seed_shares and key_shares, aligned with them.
-    Answers once per round: the returned state refuses any further request.
+    Payload: survivors (the set this node signed), signers (ids) and
+    signatures (aligned). Nothing is revealed unless at least the signature
+    quorum of distinct participants signed this very set (see
+    SecAggParams.signature_quorum). Which nodes count as dropped is derived
+    here, as the holders' shares minus the survivors, not taken from the
+    server. Reply: seed_shares for the held survivors and key_shares for the
+    other held nodes, each in ascending id order. Answers once per round: the
+    returned state refuses any further request.
     """
     state = _expect(stored, payload, Stage.UNMASK)
     assert isinstance(state, ClientState)
-    me = state.node_id
-    survivors = read_ids(payload, "survivors")
-    dropped = read_ids(payload, "dropped")
-    both = set(survivors) & set(dropped)
-    if both:
-        raise ProtocolError(f"refusing to reveal both share kinds for nodes {sorted(both)}")
-    if me in dropped:
-        raise ProtocolError(f"node {me} is alive; refusing to reveal its mask key")
-    index = {node: i for i, node in enumerate(state.held)}
-    unknown = set(survivors + dropped) - index.keys()
-    if unknown:
-        raise ProtocolError(f"this node holds no shares of nodes {sorted(unknown)}")
+    survivors = sorted(read_ids(payload, "survivors"))
+    if tuple(survivors) != state.signed:
+        raise ProtocolError("refusing to unmask for another survivor set than the one signed")
+    signers = read_ids(payload, "signers")
+    signatures = read_bytes_list(payload, "signatures", len(signers), SIGNATURE_BYTES)
+    keys = dict(zip(state.verifiers, state.verify_keys, strict=True))
+    rs, members = state.params.round_seed, set(survivors)
+    valid = 0
+    quorum = state.params.signature_quorum
+    for signer, signature in zip(signers, signatures, strict=True):
+        if valid == quorum:
+            break
+        if signer in members and signer in keys:
+            valid += survivors_signed(keys[signer], signature, rs, survivors)
+    if valid < quorum:
+        raise ProtocolError(
+            f"only {valid} valid survivor-set signatures, need {quorum}; revealing nothing"
+        )
+    alive, gone = _split_held(state, survivors)
+    pairs = zip(state.held_seed_shares, state.held_key_shares, strict=True)
+    shares = dict(zip(state.held, pairs, strict=True))
     reply: Payload = {
         STAGE_KEY: Stage.UNMASK.value,
-        "seed_shares": [state.held_seed_shares[index[node]] for node in survivors],
-        "key_shares": [state.held_key_shares[index[node]] for node in dropped],
+        "seed_shares": [shares[node][0] for node in alive],
+        "key_shares": [shares[node][1] for node in gone],
     }
     return replace(state, next_stage=_DONE), reply
+
+
+def _check_survivors(state: ClientState, survivors: list[int]) -> None:
+    """Refuse a survivor set this node cannot safely unmask for (see client_consistency)."""
+    if state.node_id not in survivors:
+        raise ProtocolError(f"node {state.node_id} is alive; refusing a set without it")
+    if not set(survivors) <= set(state.params.participants):
+        raise ProtocolError("the survivor set names nodes that are not participants")
+    alive, _ = _split_held(state, survivors)
+    t = state.params.threshold
+    if len(alive) < t:
+        raise SecAggAbort(
+            f"only {len(alive)} of the nodes whose shares this node holds survive, threshold {t}"
+        )
+
+
+def _split_held(state: ClientState, survivors: list[int]) -> tuple[list[int], list[int]]:
+    """The held nodes in `survivors` and the others (dropped), each in ascending order."""
+    members = set(survivors)
+    held = sorted(state.held)
+    return [n for n in held if n in members], [n for n in held if n not in members]
 
 
 def _open_shares(

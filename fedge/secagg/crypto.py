@@ -8,10 +8,15 @@ separation auditable: each derived key binds a purpose label, the round seed
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import numpy as np
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 from cryptography.hazmat.primitives.asymmetric.x25519 import (
     X25519PrivateKey,
     X25519PublicKey,
@@ -27,6 +32,7 @@ KEY_BYTES = 32
 DIGEST_BYTES = 32
 NONCE_BYTES = 12
 TAG_BYTES = 16
+SIGNATURE_BYTES = 64
 CIPHERTEXT_OVERHEAD = NONCE_BYTES + TAG_BYTES
 _LABEL = b"fedge-secagg/v1/"
 
@@ -112,6 +118,41 @@ def seed_commitment(seed: bytes, node: int, round_seed: bytes) -> bytes:
     """Binding commitment to a self-mask seed, so the server can tell a wrong
     reconstruction (a lying share holder) from a right one."""
     return digest(_LABEL + b"seed-commitment", round_seed, node_bytes(node), seed)
+
+
+def new_signing_key() -> tuple[bytes, bytes]:
+    """A fresh Ed25519 key for one round's consistency check: (private, public)."""
+    key = Ed25519PrivateKey.generate()
+    return key.private_bytes_raw(), key.public_key().public_bytes_raw()
+
+
+def verification_key(private: bytes) -> bytes:
+    """The Ed25519 public key of a signing key from `new_signing_key`."""
+    return Ed25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
+
+
+def sign_survivors(private: bytes, round_seed: bytes, survivors: Sequence[int]) -> bytes:
+    """Sign the survivor set of one round (sorted ids), for the consistency check."""
+    key = Ed25519PrivateKey.from_private_bytes(private)
+    return key.sign(_survivors_message(round_seed, survivors))
+
+
+def survivors_signed(
+    public: bytes, signature: bytes, round_seed: bytes, survivors: Sequence[int]
+) -> bool:
+    """Whether `signature` is `public`'s signature of exactly this survivor set and round."""
+    try:
+        key = Ed25519PublicKey.from_public_bytes(public)
+        key.verify(signature, _survivors_message(round_seed, survivors))
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def _survivors_message(round_seed: bytes, survivors: Sequence[int]) -> bytes:
+    """What a client signs: label, stage, round seed and the sorted ids, length-prefixed."""
+    ids = b"".join(node_bytes(node) for node in sorted(survivors))
+    return digest(_LABEL + b"consistency/survivors", round_seed, ids)
 
 
 def encrypt_share(

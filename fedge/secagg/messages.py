@@ -15,7 +15,7 @@ from enum import StrEnum
 import numpy as np
 from numpy.typing import NDArray
 
-from fedge.secagg.crypto import CIPHERTEXT_OVERHEAD, DIGEST_BYTES, KEY_BYTES
+from fedge.secagg.crypto import CIPHERTEXT_OVERHEAD, DIGEST_BYTES, KEY_BYTES, SIGNATURE_BYTES
 from fedge.secagg.errors import ProtocolError
 from fedge.secagg.shamir import SHARE_BYTES
 
@@ -26,6 +26,7 @@ class Stage(StrEnum):
     SETUP = "secagg_setup"
     SHARE_KEYS = "secagg_share_keys"
     MASKED_INPUT = "secagg_masked_input"
+    CONSISTENCY = "secagg_consistency"
     UNMASK = "secagg_unmask"
 
 
@@ -49,14 +50,16 @@ def upload_bytes_per_client(vector_length: int, num_shares: int) -> int:
     """Payload bytes one client uploads in a round without dropouts.
 
     Counts keys, commitment, ciphertexts, the masked vector (4 bytes per
-    parameter plus the weight entry) and the unmask shares; ids and stage
-    labels are left out. Only the vector term grows with the model.
+    parameter plus the weight entry), the survivor-set signature and the
+    unmask shares; ids and stage labels are left out. Only the vector term
+    grows with the model.
     """
     return (
-        2 * KEY_BYTES
+        3 * KEY_BYTES
         + DIGEST_BYTES
         + (num_shares - 1) * CIPHERTEXT_BYTES
         + 4 * (vector_length + 1)
+        + SIGNATURE_BYTES
         + num_shares * SHARE_BYTES
     )
 

@@ -95,6 +95,24 @@ class SecAggParams:
         position, half = self._ring_position[node], self.num_shares // 2
         return tuple(sorted(self.ring[(position + d) % n] for d in range(-half, half + 1)))
 
+    @cached_property
+    def signature_quorum(self) -> int:
+        """Signatures on one survivor set a holder needs before it reveals any share.
+
+        A strict majority of the participants (and at least t), counted over all
+        participants rather than one neighbourhood: any two sets that reach it
+        share a signer, and an honest client signs once per round, so every
+        honest holder unmasks against the same survivor set unless at least
+        2·quorum − n signers collude with the server. A neighbourhood quorum
+        would not give that in a sparse graph, where two holders' neighbourhoods
+        can be disjoint.
+        """
+        return max(self.threshold, len(self.participants) // 2 + 1)
+
+    def holder(self, x: int) -> int:
+        """The node whose shares sit at Shamir x-coordinate `x` (inverse of x_coordinate)."""
+        return self.participants[x - 1]
+
     def x_coordinate(self, node: int) -> int:
         """Shamir x-coordinate of the shares `node` holds (its 1-based rank)."""
         return self._x_coordinates[node]

@@ -10,9 +10,11 @@ from at least `threshold` verified shares.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from itertools import combinations
 from typing import NamedTuple, NoReturn, TypeVar
 
 import numpy as np
@@ -21,10 +23,12 @@ from numpy.typing import NDArray
 from fedge.secagg.crypto import (
     DIGEST_BYTES,
     KEY_BYTES,
+    SIGNATURE_BYTES,
     KeyPair,
     Masker,
     public_key,
     seed_commitment,
+    survivors_signed,
 )
 from fedge.secagg.errors import ProtocolError, SecAggAbort
 from fedge.secagg.messages import (
@@ -39,7 +43,7 @@ from fedge.secagg.messages import (
     read_uint32_array,
 )
 from fedge.secagg.params import SecAggParams
-from fedge.secagg.shamir import SHARE_BYTES, combine, share_is_valid
+from fedge.secagg.shamir import SHARE_BYTES, combine, share_at, share_is_valid
 
 T = TypeVar("T")
 Replies = Mapping[int, Mapping[str, object]]
@@ -48,15 +52,21 @@ _STEPS = (
     "receive_public_keys",
     "receive_encrypted_shares",
     "receive_masked_inputs",
+    "receive_signatures",
     "receive_unmask_shares",
 )
+# Reconstruction tries per secret (t-subsets of the received shares) before the
+# server gives up on finding one that matches the commitment: bounds the work
+# a crowd of lying holders can cause.
+MAX_RECONSTRUCTION_TRIES = 512
 
 
 class PublicKeys(NamedTuple):
-    """A client's two public keys and seed commitment for one round."""
+    """A client's public keys and seed commitment for one round."""
 
     pk_enc: bytes
     pk_mask: bytes
+    pk_sign: bytes
     seed_commitment: bytes
 
 
@@ -68,7 +78,8 @@ class AggregateResult:
     total_weight: int  # Σ n_k over `included` (after capping at max_weight)
     included: tuple[int, ...]
     dropped: dict[int, str]  # participants left out of the sum, with the reason
-    unmask_faults: dict[int, str]  # included clients whose unmask reply was unusable
+    # included clients whose unmask reply was unusable or carried a wrong share
+    unmask_faults: dict[int, str]
 
     @property
     def num_clients(self) -> int:
@@ -114,6 +125,9 @@ class SecAggServer:
         self._senders: dict[int, tuple[int, ...]] = {}  # ciphertexts routed to each node
         self._partners: dict[int, frozenset[int]] = {}  # peers each survivor masked with
         self._total: NDArray[np.uint32] = np.zeros(vector_length + 1, np.uint32)  # Σ uploads
+        self._survivors: list[int] = []  # the set every holder signs and unmasks for
+        self._signatures: dict[int, bytes] = {}  # valid survivor-set signatures
+        self._faults: dict[int, str] = {}  # survivors that misbehaved after uploading
         self._requests: dict[int, tuple[list[int], list[int]]] = {}  # (survivors, dropped)
         self._needed_keys: list[int] = []  # dropped nodes whose pairwise masks remain
 
@@ -142,7 +156,11 @@ class SecAggServer:
         for node, keys in self._collect(replies, Stage.SETUP, parse):
             self._keys[node] = keys
         self._prune(Stage.SETUP)
-        base = self.params.to_payload()
+        base: Payload = {
+            **self.params.to_payload(),
+            "verifiers": list(self.active),
+            "pk_sign": [self._keys[node].pk_sign for node in self.active],
+        }
         payloads: dict[int, Payload] = {}
         for node in self.active:
             peers = self._live_neighbours(node)
@@ -175,16 +193,14 @@ class SecAggServer:
         return payloads
 
     def receive_masked_inputs(self, replies: Replies) -> dict[int, Payload]:
-        """Keep the uploads, drop senders of unauthentic shares, ask for unmask shares."""
+        """Keep the uploads, settle share disputes; ask the survivors to sign who survived."""
         self._begin("receive_masked_inputs")
         collected = self._collect(replies, Stage.MASKED_INPUT, self._parse_masked)
+        disputes = []
         for reporter, (_, rejected) in collected:
             self._partners[reporter] = frozenset(self._senders[reporter]) - rejected
-            for sender in rejected:
-                self._drop(
-                    sender,
-                    f"{Stage.MASKED_INPUT.value}: shares for node {reporter} failed authentication",
-                )
+            disputes += [(reporter, sender) for sender in rejected]
+        self._settle(disputes)
         self._require_quorum(Stage.MASKED_INPUT)
         survivors = self.active
         for node, (vector, _) in collected:
@@ -198,6 +214,9 @@ class SecAggServer:
         self._needed_keys = sorted(
             {peer for node in survivors for peer in self._partners[node]} - self._active
         )
+        quorum = self.params.signature_quorum
+        if len(survivors) < quorum:
+            self._abort(f"only {len(survivors)} survivors, below the signature quorum {quorum}")
         for owners, what in ((survivors, "self-mask seed"), (self._needed_keys, "mask key")):
             for owner in owners:
                 holders = sum(holds(holder, owner) for holder in survivors)
@@ -206,25 +225,51 @@ class SecAggServer:
                         f"only {holders} surviving holders of node {owner}'s {what} shares, "
                         f"threshold {self.params.threshold}"
                     )
-        payloads: dict[int, Payload] = {}
+        self._survivors = list(survivors)
         for holder in survivors:
-            request = (
-                [owner for owner in survivors if holds(holder, owner)],
-                [owner for owner in self._needed_keys if holds(holder, owner)],
+            held = sorted({holder} | self._partners[holder])
+            self._requests[holder] = (
+                [owner for owner in held if owner in self._active],
+                [owner for owner in held if owner not in self._active],
             )
-            self._requests[holder] = request
-            payloads[holder] = {
-                STAGE_KEY: Stage.UNMASK.value,
-                "survivors": request[0],
-                "dropped": request[1],
-            }
-        return payloads
+        return {
+            node: {STAGE_KEY: Stage.CONSISTENCY.value, "survivors": self._survivors}
+            for node in survivors
+        }
+
+    def receive_signatures(self, replies: Replies) -> dict[int, Payload]:
+        """Gather the survivors' signatures of the survivor set; send them with the unmask request.
+
+        A survivor that does not sign stays in the sum (its upload is in), but
+        is not asked to unmask; fewer valid signatures than the quorum abort.
+        """
+        self._begin("receive_signatures")
+        for node, signature in self._collect(
+            replies, Stage.CONSISTENCY, self._parse_signature, self._faults
+        ):
+            self._signatures[node] = signature
+        quorum = self.params.signature_quorum
+        if len(self._signatures) < quorum:
+            self._abort(f"only {len(self._signatures)} survivors signed, quorum {quorum}")
+        request: Payload = {
+            STAGE_KEY: Stage.UNMASK.value,
+            "survivors": self._survivors,
+            "signers": list(self._signatures),
+            "signatures": list(self._signatures.values()),
+        }
+        return {node: dict(request) for node in self._signatures}
 
     def receive_unmask_shares(self, replies: Replies) -> AggregateResult:
-        """Rebuild and verify the needed secrets, strip every mask and decode the sum."""
+        """Rebuild and verify the needed secrets, strip every mask and decode the sum.
+
+        Each secret is rebuilt from the first t-subset of its shares that matches
+        the public commitment; every other share is then checked against that
+        polynomial, and the holder of a wrong one is named in `unmask_faults`.
+        """
         self._begin("receive_unmask_shares")
-        faults: dict[int, str] = {}
-        collected = self._collect(replies, Stage.UNMASK, self._parse_unmask, faults)
+        faults = self._faults
+        signers = {node: self._requests[node] for node in self._signatures}
+        collected = self._collect(replies, Stage.UNMASK, self._parse_unmask, faults, signers)
         if len(collected) < self.params.threshold:
             self._abort(f"only {len(collected)} unmask replies, threshold {self.params.threshold}")
         seed_points: dict[int, dict[int, bytes]] = {node: {} for node in self._active}
@@ -260,7 +305,38 @@ class SecAggServer:
                     )
                     masker.add_pair(total, pair_seed, node, dropped_node, remove=True)
         weighted_sum, total_weight = self.params.quantizer.decode(total)
-        return AggregateResult(weighted_sum, total_weight, self.active, self.dropped, faults)
+        return AggregateResult(weighted_sum, total_weight, self.active, self.dropped, dict(faults))
+
+    def _settle(self, disputes: list[tuple[int, int]]) -> None:
+        """Drop clients so that no "shares from Y failed authentication" report stands.
+
+        A report means the reporter or the accused cheats; the server cannot
+        tell which. A node in two or more standing disputes goes first (most
+        first): that is the one cheater who accuses, or is accused by, many. A
+        dispute left on its own drops both ends, so a false report never
+        removes the accused alone, and costs the accuser its own place.
+        """
+        live = self._active
+        pairs = {frozenset(pair): pair for pair in disputes if set(pair) <= live}
+        stage = Stage.MASKED_INPUT.value
+        while pairs:
+            count = Counter(node for pair in pairs for node in pair)
+            node, disputed = max(count.items(), key=lambda item: (item[1], -item[0]))
+            if disputed < 2:
+                break
+            self._drop(node, f"{stage}: in {disputed} share-authentication disputes")
+            pairs = {key: pair for key, pair in pairs.items() if node not in key}
+        for reporter, accused in pairs.values():
+            self._drop(
+                accused,
+                f"{stage}: node {reporter} reported its shares failed authentication "
+                "(a lone dispute drops both nodes)",
+            )
+            self._drop(
+                reporter,
+                f"{stage}: reported node {accused}'s shares failed authentication "
+                "(a lone dispute drops both nodes)",
+            )
 
     def _parse_keys(self, probe: KeyPair, node: int, reply: Mapping[str, object]) -> PublicKeys:
         expect_stage(reply, Stage.SETUP)
@@ -268,7 +344,8 @@ class SecAggServer:
         mask = read_bytes(reply, "pk_mask", KEY_BYTES)
         probe.check(enc)
         probe.check(mask)
-        return PublicKeys(enc, mask, read_bytes(reply, "seed_commitment", DIGEST_BYTES))
+        sign = read_bytes(reply, "pk_sign", KEY_BYTES)
+        return PublicKeys(enc, mask, sign, read_bytes(reply, "seed_commitment", DIGEST_BYTES))
 
     def _parse_shares(self, node: int, reply: Mapping[str, object]) -> dict[int, bytes]:
         expect_stage(reply, Stage.SHARE_KEYS)
@@ -291,6 +368,14 @@ class SecAggServer:
             raise ProtocolError(f"rejected {sorted(rejected)} includes nodes that sent it nothing")
         return vector, rejected
 
+    def _parse_signature(self, node: int, reply: Mapping[str, object]) -> bytes:
+        expect_stage(reply, Stage.CONSISTENCY)
+        signature = read_bytes(reply, "signature", SIGNATURE_BYTES)
+        rs, key = self.params.round_seed, self._keys[node].pk_sign
+        if not survivors_signed(key, signature, rs, self._survivors):
+            raise ProtocolError("the signature does not verify for this survivor set")
+        return signature
+
     def _parse_unmask(
         self, node: int, reply: Mapping[str, object]
     ) -> tuple[list[bytes], list[bytes]]:
@@ -308,10 +393,14 @@ class SecAggServer:
         stage: Stage,
         parse: Callable[[int, Mapping[str, object]], T],
         faults: dict[int, str] | None = None,
+        nodes: Iterable[int] | None = None,
     ) -> list[tuple[int, T]]:
-        """Parse the active clients' replies; failures go to `faults`, else are dropped."""
+        """Parse the replies of `nodes` (default: the active clients).
+
+        Failures go to `faults` when given, else drop their sender.
+        """
         parsed: list[tuple[int, T]] = []
-        for node in self.active:
+        for node in self.active if nodes is None else nodes:
             try:
                 if node not in replies:
                     raise ProtocolError("no reply")
@@ -331,19 +420,33 @@ class SecAggServer:
         derive: Callable[[bytes], bytes],
         expected: bytes,
     ) -> bytes:
-        """Combine `threshold` shares and check the result against its public image."""
+        """The secret of the first t-subset of `points` whose image under `derive` is `expected`.
+
+        A wrong share changes the interpolated secret (its Lagrange weight is
+        never zero), so a matching subset holds only right shares; every other
+        share is checked against that polynomial and a wrong one's holder goes
+        to the faults. Aborts if no subset matches within the try budget.
+        """
         t = self.params.threshold
         if len(points) < t:
             self._abort(f"only {len(points)} shares of node {node}'s {what}, threshold {t}")
-        try:
-            secret = combine({x: points[x] for x in sorted(points)[:t]}, KEY_BYTES)
-        except ValueError:
-            secret = b""
-        if not secret or derive(secret) != expected:
-            self._abort(
-                f"node {node}'s {what} does not match its commitment: a holder sent a wrong share"
-            )
-        return secret
+        for subset in _subsets(sorted(points), t):
+            good = {x: points[x] for x in subset}
+            try:
+                secret = combine(good, KEY_BYTES)
+            except ValueError:
+                continue
+            if derive(secret) != expected:
+                continue
+            for x in points.keys() - good.keys():
+                if share_at(good, x) != points[x]:
+                    reason = f"{Stage.UNMASK.value}: wrong share of node {node}'s {what}"
+                    self._faults[self.params.holder(x)] = reason
+            return secret
+        self._abort(
+            f"no {t} of the {len(points)} shares of node {node}'s {what} match its commitment: "
+            "holders sent wrong shares"
+        )
 
     def _live_neighbours(self, node: int) -> tuple[int, ...]:
         return tuple(peer for peer in self.params.neighbours(node) if peer in self._active)
@@ -382,3 +485,20 @@ class SecAggServer:
         if step != expected:
             raise RuntimeError(f"{step} called out of order; expected {expected}")
         self._step += 1
+
+
+def _subsets(xs: list[int], t: int) -> Iterator[tuple[int, ...]]:
+    """t-subsets of `xs`, those that leave out the fewest of its first points first.
+
+    With e wrong shares the first t + e points hold a right t-subset, reached
+    after at most C(t + e, e) tries; MAX_RECONSTRUCTION_TRIES caps the total.
+    """
+    tries = 0
+    for extra in range(len(xs) - t + 1):
+        prefix = xs[: t + extra]
+        # Subsets without the prefix's last point were tried with a shorter prefix.
+        for left_out in combinations(prefix[:-1], extra):
+            if tries == MAX_RECONSTRUCTION_TRIES:
+                return
+            tries += 1
+            yield tuple(x for x in prefix if x not in left_out)

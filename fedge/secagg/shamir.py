@@ -38,25 +38,42 @@ def combine(points: Mapping[int, bytes], secret_bytes: int) -> bytes:
     """
     if not points:
         raise ValueError("no shares to combine")
-    ys = {x: _decode(share) for x, share in points.items()}
-    if any(not 0 < x < PRIME for x in ys):
-        raise ValueError("x-coordinates must be in [1, PRIME)")
-    secret = 0
-    for xj, yj in ys.items():
-        numerator, denominator = 1, 1
-        for xm in ys:
-            if xm != xj:
-                numerator = numerator * xm % PRIME
-                denominator = denominator * (xm - xj) % PRIME
-        secret = (secret + yj * numerator * pow(denominator, -1, PRIME)) % PRIME
+    secret = _interpolate(points, 0)
     if secret.bit_length() > 8 * secret_bytes:
         raise ValueError("shares do not interpolate to a secret of the expected size")
     return secret.to_bytes(secret_bytes, "big")
 
 
+def share_at(points: Mapping[int, bytes], x: int) -> bytes:
+    """The share at `x` of the polynomial through `points` (to check another holder's share).
+
+    With `threshold` correct points this is the share an honest holder at `x`
+    has; any other value is a wrong share.
+    """
+    if not points or not 0 < x < PRIME:
+        raise ValueError("need shares and an x-coordinate in [1, PRIME)")
+    return _interpolate(points, x).to_bytes(SHARE_BYTES, "big")
+
+
 def share_is_valid(share: bytes) -> bool:
     """Whether `share` encodes a field element (so parsers can reject it early)."""
     return len(share) == SHARE_BYTES and int.from_bytes(share, "big") < PRIME
+
+
+def _interpolate(points: Mapping[int, bytes], x: int) -> int:
+    """Lagrange interpolation of the shares `{x_j: share}` at `x`."""
+    ys = {xj: _decode(share) for xj, share in points.items()}
+    if any(not 0 < xj < PRIME for xj in ys):
+        raise ValueError("x-coordinates must be in [1, PRIME)")
+    value = 0
+    for xj, yj in ys.items():
+        numerator, denominator = 1, 1
+        for xm in ys:
+            if xm != xj:
+                numerator = numerator * (xm - x) % PRIME
+                denominator = denominator * (xm - xj) % PRIME
+        value = (value + yj * numerator * pow(denominator, -1, PRIME)) % PRIME
+    return value
 
 
 def _decode(share: bytes) -> int:

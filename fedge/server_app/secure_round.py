@@ -1,12 +1,14 @@
 """Drives SecAgg+ training rounds over Flower's Grid, one round ahead on keys.
 
-A round's four stages need four exchanges, but only two of them carry work the
-round itself must wait for: the masked upload rides on the training message,
-and unmasking follows once the uploads are back. So the next round's SETUP
-rides on this round's training message and its SHARE_KEYS on this round's
-unmask request, and a round whose sampled clients are exactly those that
-completed that key sharing starts with its keys already shared: two
-exchanges, one more than plain FedAvg. Any other round (the first, or after a
+A round's five stages need five exchanges, but only three of them carry work
+the round itself must wait for: the masked upload rides on the training
+message, then the survivors sign the survivor set (the consistency check that
+stops a server from unmasking one client) and unmask. So the next round's
+SETUP rides on this round's training message and its SHARE_KEYS on this
+round's unmask request, and a round whose sampled clients are exactly those
+that completed that key sharing starts with its keys already shared: three
+exchanges, two more than plain FedAvg (the consistency exchange is small: a
+list of ids out, one signature back). Any other round (the first, or after a
 client joined or dropped) runs setup and key sharing as extra exchanges of
 its own first. The protocol logic lives in `fedge.secagg`; this module only
 moves its payloads.
@@ -142,7 +144,7 @@ class SecureRound:
         return messages
 
     def close(self, replies: Iterable[Message], sent: Mapping[str, int]) -> AggregateResult:
-        """Collect masked uploads, run the unmasking exchange, return the decoded sum.
+        """Collect masked uploads, run the consistency and unmask exchanges, return the sum.
 
         `sent` maps the training messages' ids to their nodes (see `destinations`).
         """
@@ -150,7 +152,8 @@ class SecureRound:
             raise RuntimeError("SecureRound.close() called before open()")
         masked_length = self.server.params.vector_length + 1  # the weight entry is last
         uploads, next_keys = _split(self.payloads_of(replies, sent, masked_length))
-        unmask = self.server.receive_masked_inputs(uploads)
+        signatures = self._exchange(Stage.CONSISTENCY, self.server.receive_masked_inputs(uploads))
+        unmask = self.server.receive_signatures(signatures)
         next_shares = self._advance_next_round(lambda server: server.receive_public_keys(next_keys))
         requests = {node: {**unmask[node], **nest(next_shares.get(node, {}))} for node in unmask}
         answers, next_ciphertexts = _split(self._exchange(Stage.UNMASK, requests))
@@ -162,6 +165,8 @@ class SecureRound:
         result = self.server.receive_unmask_shares(answers)
         for node, reason in result.dropped.items():
             log(WARNING, "SecAgg: node %s left out: %s", node, reason)
+        for node, reason in result.unmask_faults.items():
+            log(WARNING, "SecAgg: node %s misbehaved after its upload: %s", node, reason)
         log(INFO, "SecAgg: summed %s clients' masked updates", result.num_clients)
         return result
 
