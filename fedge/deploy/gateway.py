@@ -177,7 +177,7 @@ class FleetGateway:
 
 
 class _BodyTooLarge(Exception):
-    """The client sent more than `max_body` bytes."""
+    """The client sent more than `max_body` bytes, or left mid-body: stop the upstream call."""
 
 
 class _BoundedBody:
