@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from deploy_helpers import HOST, app_copy, deployment, log_since, wait_exit, wait_for
@@ -39,7 +40,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDeploy
         yield started
 
 
-def _cli(home: Path, address: str, ca: Path, *args: str) -> tuple[dict, str]:
+def _cli(home: Path, address: str, ca: Path, *args: str) -> tuple[dict[str, Any], str]:
     """`flwr ARGS` with a connection `c` to `address` in a fresh FLWR_HOME."""
     write_connection(home, "c", address, root_certificates=ca)
     result = subprocess.run(
@@ -54,7 +55,9 @@ def _cli(home: Path, address: str, ca: Path, *args: str) -> tuple[dict, str]:
     return _json_from(result.stdout), result.stdout + result.stderr
 
 
-def _post(federation: LocalDeployment, port: int, path: str, method: str = "POST") -> tuple:
+def _post(
+    federation: LocalDeployment, port: int, path: str, method: str = "POST"
+) -> tuple[int, bytes]:
     assert federation.certs is not None
     context = ssl.create_default_context(cafile=str(federation.certs.ca_cert))
     connection = http.client.HTTPSConnection(HOST, port, timeout=30, context=context)

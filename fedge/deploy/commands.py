@@ -38,8 +38,7 @@ def _certs(args: argparse.Namespace) -> int:
 
 def security_banner(deployment: LocalDeployment) -> str:
     """What `fedge deploy local` enforces, and what it does not: printed, never implied."""
-    control = f"{deployment.address}"
-    fleet = f"{deployment.fleet_address}"
+    control, fleet = deployment.address, deployment.fleet_address
     lines = [
         f"  Fleet API   {fleet:<21} SuperNodes; a gateway serves only POST /v1/fleet/*",
         f"  Control API {control:<21} flwr CLI; bound to loopback, no login",
@@ -117,10 +116,11 @@ def _deploy_local(args: argparse.Namespace) -> int:
 
 @reports_errors
 def _fleet_gateway(args: argparse.Namespace) -> int:
-    tls = (args.ssl_certfile, args.ssl_keyfile, args.root_certificates)
-    if args.insecure == any(path is not None for path in tls) or (
-        not args.insecure and None in tls
-    ):
+    """Serve the Fleet-only gateway (fedge/deploy/gateway.py) until stopped."""
+    given = [
+        path is not None for path in (args.ssl_certfile, args.ssl_keyfile, args.root_certificates)
+    ]
+    if any(given) if args.insecure else not all(given):
         raise DeploymentError(
             "give --ssl-certfile, --ssl-keyfile and --root-certificates (TLS), or --insecure"
         )
@@ -135,7 +135,7 @@ def _fleet_gateway(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `certs` and `deploy local` to the `fedge` command line."""
+    """Add `certs`, `deploy local` and `deploy fleet-gateway` to the `fedge` command line."""
     certs = subparsers.add_parser(
         "certs",
         help="make a CA, a SuperLink TLS certificate and SuperNode auth keys",
