@@ -28,6 +28,6 @@ for key in /certs/supernode-*.pub; do
     fi
 done
 if [ "$found" = 0 ]; then
-    echo "no /certs/supernode-*.pub mounted; run: fedge certs docker/certs --hosts superlink --nodes 3" >&2
+    echo "no /certs/supernode-*.pub mounted; run: fedge certs docker/certs --hosts superlink fleet-gateway --nodes 3" >&2
     exit 1
 fi

@@ -66,9 +66,13 @@ def test_deploy_ports(tmp_path: Path) -> None:
     assert fixed.superlink_port == 18000
     assert [spec.port for spec in fixed.nodes] == [18001, 18002, 18003]
     assert fixed.address == "127.0.0.1:18000"
+    assert fixed.fleet_address == "127.0.0.1:18004"
     free = LocalDeployment(3, tmp_path, port_base=0)
-    ports = [free.superlink_port, *(spec.port for spec in free.nodes)]
-    assert len(set(ports)) == 4
+    ports = [free.superlink_port, free.fleet_port, *(spec.port for spec in free.nodes)]
+    assert len(set(ports)) == 5
+    LocalDeployment(3, tmp_path, port_base=65535 - 4)  # the last base that leaves room
+    with pytest.raises(ValueError, match="Fleet gateway"):
+        LocalDeployment(3, tmp_path, port_base=65535 - 3)
 
 
 def test_deploy_run_command_and_connection_file(tmp_path: Path) -> None:

@@ -22,8 +22,10 @@ from fedge.deploy.certs import create_certificates, load_server_hosts
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
 COMPOSE = DOCKER / "compose.yaml"
-CERTS_COMMAND = "fedge certs docker/certs --hosts superlink --nodes 3"
+CERTS_COMMAND = "fedge certs docker/certs --hosts superlink fleet-gateway --nodes 3"
 SUPERNODES = ("supernode-0", "supernode-1", "supernode-2")
+GATEWAY = "fleet-gateway"
+TLS_TERMINATORS = {"superlink", GATEWAY}  # the only services that may see server.key
 MADE_BY_USER = {"outputs"}  # `mkdir -p docker/outputs`, as compose.yaml's header says
 
 
@@ -101,7 +103,7 @@ def _flags(command: list[str]) -> dict[str, str]:
 
 
 def test_compose_services(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == {"superlink", "register", *SUPERNODES}
+    assert set(compose["services"]) == {"superlink", GATEWAY, "register", *SUPERNODES}
     for name, service in compose["services"].items():
         assert "build" in service, f"{name}: without a build section compose would pull {name}"
         assert service["image"].endswith(":local"), name
@@ -190,7 +192,7 @@ def test_compose_keys_are_scoped(compose: dict[str, Any]) -> None:
     for name, service in services.items():
         sources = [source for source, _ in _bind_mounts(service)]
         assert "./certs/ca.key" not in sources, f"{name} must not see the CA key"
-        if name != "superlink":
+        if name not in TLS_TERMINATORS:
             assert "./certs/server.key" not in sources, f"{name} must not see the server key"
     for index, name in enumerate(SUPERNODES):
         keys = [s for s, _ in _bind_mounts(services[name]) if s.endswith(".key")]
@@ -215,12 +217,47 @@ def test_compose_commands_parse_with_flowers_own_parsers(compose: dict[str, Any]
     assert not link.runtime_dependency_install  # no `uv sync` from inside the container
     targets = {target for _, target in _bind_mounts(services["superlink"])}
     assert {"/certs/ca.crt", "/certs/server.pem", "/certs/server.key"} <= targets
+    gateway = _gateway_args(services[GATEWAY])
+    assert gateway.superlink == f"superlink:{link.port}" and not gateway.insecure
+    mounted = {target for _, target in _bind_mounts(services[GATEWAY])}
+    assert {str(gateway.ssl_certfile), str(gateway.ssl_keyfile)} <= mounted
+    assert str(gateway.root_certificates) in mounted
     for name in SUPERNODES:
         node = _parse_args_run_supernode().parse_args(services[name]["command"])
         assert not node.insecure
-        assert node.superlink == "superlink:8000"
+        assert node.superlink == f"{GATEWAY}:{gateway.listen.rsplit(':', 1)[1]}"
         mounted = {target for _, target in _bind_mounts(services[name])}
         assert {node.root_certificates, node.auth_supernode_private_key} <= mounted
+
+
+def _gateway_args(service: dict[str, Any]) -> Any:
+    """The gateway's command, parsed by fedge's own CLI parser."""
+    from fedge.cli import build_parser
+
+    assert service["entrypoint"] == ["fedge", "deploy", "fleet-gateway"]
+    args = build_parser().parse_args([*service["entrypoint"][1:], *service["command"]])
+    assert args.func.__name__ == "_fleet_gateway"
+    return args
+
+
+def test_compose_supernodes_cannot_reach_the_control_api(compose: dict[str, Any]) -> None:
+    """The SuperLink serves Fleet, Control and Runtime on one port: no SuperNode may share a
+    network with it; they reach only the gateway, which forwards the Fleet API alone."""
+    services = compose["services"]
+    networks = {name: set(service.get("networks", [])) for name, service in services.items()}
+    assert set(compose["networks"]) == {"control", "fleet"}
+    assert networks["superlink"] == {"control"}
+    assert networks["register"] == {"control"}
+    assert networks[GATEWAY] == {"control", "fleet"}
+    for name in SUPERNODES:
+        assert networks[name] == {"fleet"}, f"{name} is on {networks[name]}"
+        assert not networks[name] & networks["superlink"]
+    for name, service in services.items():
+        assert "network_mode" not in service, f"{name}: network_mode bypasses the networks"
+        environment = service.get("environment") or {}
+        assert not any(key.startswith("FLWR_INTERNAL_GRPC") for key in environment), name
+    link_ports = [str(port) for port in services["superlink"].get("ports", [])]
+    assert link_ports == ["127.0.0.1:8000:8000"], "the Control API must stay on loopback"
 
 
 def test_compose_node_configs(compose: dict[str, Any]) -> None:
@@ -245,9 +282,15 @@ def test_server_certificate_covers_every_address_used(
     for name in SUPERNODES:
         address = _flags(compose["services"][name]["command"])["--superlink"]
         assert address.rsplit(":", 1)[0] in hosts, name
+    upstream = _gateway_args(compose["services"][GATEWAY]).superlink
+    assert upstream.rsplit(":", 1)[0] in hosts  # the gateway verifies the SuperLink too
+    register = compose["services"]["register"]["environment"]["SUPERLINK_ADDRESS"]
+    assert register.rsplit(":", 1)[0] in hosts
     assert {"localhost", "127.0.0.1"} <= hosts  # healthcheck, `flwr run` from the host
     health = " ".join(compose["services"]["superlink"]["healthcheck"]["test"])
     assert "https://localhost:8000/health" in health and "/certs/ca.crt" in health
+    health = " ".join(compose["services"][GATEWAY]["healthcheck"]["test"])
+    assert "https://localhost:9092/health" in health and "/certs/ca.crt" in health
 
 
 def test_compose_publishes_only_on_loopback(compose: dict[str, Any]) -> None:
@@ -269,6 +312,8 @@ def test_register_script_matches_compose(compose: dict[str, Any]) -> None:
     for name in SUPERNODES:
         condition = compose["services"][name]["depends_on"]["register"]["condition"]
         assert condition == "service_completed_successfully"
+        condition = compose["services"][name]["depends_on"][GATEWAY]["condition"]
+        assert condition == "service_healthy"
 
 
 def test_docs_describe_the_docker_path_and_say_it_is_not_run_here() -> None:

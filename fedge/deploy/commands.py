@@ -11,6 +11,7 @@ from types import FrameType
 
 from fedge.cli import reports_errors
 from fedge.deploy.certs import create_certificates, load_server_hosts
+from fedge.deploy.gateway import DEFAULT_MAX_BODY, Upstream, serve
 from fedge.deploy.local import DEFAULT_CONNECTION, DEFAULT_DIR, DeploymentError, LocalDeployment
 
 
@@ -33,6 +34,30 @@ def _certs(args: argparse.Namespace) -> int:
         f"Keep {certs.ca_key.name} off the SuperNodes; each Pi needs only ca.crt and its own key."
     )
     return 0
+
+
+def security_banner(deployment: LocalDeployment) -> str:
+    """What `fedge deploy local` enforces, and what it does not: printed, never implied."""
+    control, fleet = deployment.address, deployment.fleet_address
+    lines = [
+        f"  Fleet API   {fleet:<21} SuperNodes; a gateway serves only POST /v1/fleet/*",
+        f"  Control API {control:<21} flwr CLI; bound to loopback, no login",
+    ]
+    if deployment.insecure:
+        lines += [
+            "Enforced: the Control API (register keys, list/start runs) is not served on the "
+            "Fleet address.",
+            "NOT enforced (--insecure): TLS and SuperNode auth are off; any process that "
+            f"reaches {fleet} can join as a SuperNode and read or send its traffic.",
+        ]
+    else:
+        lines += [
+            "Enforced: TLS on both addresses; a SuperNode joins only with a key registered "
+            f"through {control}; keys are registered and runs listed/started only there.",
+            "NOT enforced: the Control API has no login (every user with a shell on this "
+            "machine can use it); a stolen node key joins as that node.",
+        ]
+    return "\n".join(lines)
 
 
 class _Stop(Exception):
@@ -58,10 +83,9 @@ def _deploy_local(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         deployment.start()
-        security = "TLS off, SuperNode auth off" if args.insecure else "TLS + SuperNode auth"
         print(
-            f"SuperLink on {deployment.address} ({security}) with {args.nodes} SuperNodes online; "
-            f"logs in {deployment.logs_dir}\n"
+            f"{args.nodes} SuperNodes online; logs in {deployment.logs_dir}\n"
+            f"{security_banner(deployment)}\n"
             "Run the fedge app on it from the project directory:\n",
             flush=True,
         )
@@ -73,7 +97,7 @@ def _deploy_local(args: argparse.Namespace) -> int:
                 if problem not in reported:
                     reported.add(problem)
                     print(f"warning: {problem}", file=sys.stderr, flush=True)
-                if problem.startswith("superlink "):
+                if problem.startswith(("superlink ", "fleet-gateway ")):
                     raise DeploymentError(f"{problem}; stopping the SuperNodes")
             time.sleep(1.0)
     except (KeyboardInterrupt, _Stop):
@@ -90,8 +114,28 @@ def _deploy_local(args: argparse.Namespace) -> int:
                 signal.signal(sig, handler)
 
 
+@reports_errors
+def _fleet_gateway(args: argparse.Namespace) -> int:
+    """Serve the Fleet-only gateway (fedge/deploy/gateway.py) until stopped."""
+    given = [
+        path is not None for path in (args.ssl_certfile, args.ssl_keyfile, args.root_certificates)
+    ]
+    if any(given) if args.insecure else not all(given):
+        raise DeploymentError(
+            "give --ssl-certfile, --ssl-keyfile and --root-certificates (TLS), or --insecure"
+        )
+    serve(
+        args.listen,
+        Upstream(args.superlink, None if args.insecure else args.root_certificates),
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+        max_body=args.max_body,
+    )
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `certs` and `deploy local` to the `fedge` command line."""
+    """Add `certs`, `deploy local` and `deploy fleet-gateway` to the `fedge` command line."""
     certs = subparsers.add_parser(
         "certs",
         help="make a CA, a SuperLink TLS certificate and SuperNode auth keys",
@@ -169,3 +213,33 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--timeout", type=float, default=180.0, help="seconds to wait for everything to start"
     )
     local.set_defaults(func=_deploy_local)
+
+    gateway = commands.add_parser(
+        "fleet-gateway",
+        help="expose only the Fleet API of a loopback SuperLink to SuperNodes",
+        description="Forward Flower's Fleet API (POST /v1/fleet/..., all a SuperNode uses) "
+        "to a SuperLink that listens on loopback, and answer 404 to everything else, so "
+        "devices cannot reach the Control API (register keys, list or start runs) or the "
+        "Runtime API. Node authentication stays with the SuperLink.",
+    )
+    gateway.add_argument(
+        "--listen", required=True, help="host:port the SuperNodes connect to, e.g. 0.0.0.0:9092"
+    )
+    gateway.add_argument(
+        "--superlink",
+        required=True,
+        help="host:port of the SuperLink (flower-superlink --host/--port), e.g. 127.0.0.1:8000",
+    )
+    gateway.add_argument("--ssl-certfile", type=Path, help="server certificate, e.g. server.pem")
+    gateway.add_argument("--ssl-keyfile", type=Path, help="its private key, e.g. server.key")
+    gateway.add_argument(
+        "--root-certificates", type=Path, help="CA that signed the SuperLink's certificate"
+    )
+    gateway.add_argument("--insecure", action="store_true", help="plain HTTP on both sides")
+    gateway.add_argument(
+        "--max-body",
+        type=int,
+        default=DEFAULT_MAX_BODY,
+        help="largest request body in bytes (default: %(default)s)",
+    )
+    gateway.set_defaults(func=_fleet_gateway)

@@ -2,13 +2,18 @@
 
 Everything listens on 127.0.0.1 only. TLS and SuperNode authentication are on unless
 `insecure=True`, so the local path exercises the same flags as a server with
-Raspberry Pi SuperNodes (see docs/deployment.md). The Flower commands used:
+Raspberry Pi SuperNodes (see docs/deployment.md). Flower 1.41 serves the Fleet, Control
+and Runtime APIs on one listener and its Control API authenticates nobody, so the
+SuperLink is the operator's (loopback) address and SuperNodes get a Fleet-only gateway
+(fedge/deploy/gateway.py). The commands used:
 
-    flower-superlink --host 127.0.0.1 --port P
+    flower-superlink --host 127.0.0.1 --port P            (Control + Runtime + Fleet)
         --ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key
         --enable-supernode-auth --disable-runtime-dependency-installation
-    flwr supernode register supernode-i.pub <connection>     (Control API, same port)
-    flower-supernode --superlink 127.0.0.1:P --root-certificates ca.crt
+    fedge deploy fleet-gateway --listen 127.0.0.1:F --superlink 127.0.0.1:P
+        --ssl-certfile server.pem --ssl-keyfile server.key --root-certificates ca.crt
+    flwr supernode register supernode-i.pub <connection>  (Control API: P)
+    flower-supernode --superlink 127.0.0.1:F --root-certificates ca.crt
         --auth-supernode-private-key supernode-i.key
         --node-config "partition-id=i num-partitions=N" --host 127.0.0.1 --port Q_i
 
@@ -47,6 +52,8 @@ HOST = "127.0.0.1"
 DEFAULT_CONNECTION = "fedge-local"
 DEFAULT_DIR = ".fedge-deploy"
 RESERVED_NODE_KEYS = ("partition-id", "num-partitions")
+# Would start Flower's legacy gRPC Control/Fleet servers (default 0.0.0.0): never inherit.
+LEGACY_GRPC_SWITCHES = ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API")
 
 ConfigValue = bool | int | float | str
 _PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")  # the pattern flwr itself uses
@@ -161,7 +168,7 @@ class LocalDeployment:
             raise ValueError(
                 f"'{EDGE_NODE_KEY}' is set both by --edge-nodes and --node-config-extra; use one"
             )
-        self.superlink_port, node_ports = _choose_ports(port_base, nodes)
+        self.superlink_port, self.fleet_port, node_ports = _choose_ports(port_base, nodes)
         self.nodes: list[NodeSpec] = []
         for index in range(nodes):
             config: dict[str, ConfigValue] = {"partition-id": index, "num-partitions": nodes}
@@ -171,6 +178,7 @@ class LocalDeployment:
             self.nodes.append(NodeSpec(index, config, node_ports[index]))
 
         self.superlink: ManagedProcess | None = None
+        self.gateway: ManagedProcess | None = None
         self.supernodes: list[ManagedProcess] = []
         self.extra_processes: list[ManagedProcess] = []
         self.node_ids: dict[int, int] = {}
@@ -179,8 +187,13 @@ class LocalDeployment:
 
     @property
     def address(self) -> str:
-        """host:port of the SuperLink (Fleet, Control and Runtime APIs share it)."""
+        """host:port of the SuperLink itself: the operator's Control API (loopback only)."""
         return f"{HOST}:{self.superlink_port}"
+
+    @property
+    def fleet_address(self) -> str:
+        """host:port of the Fleet-only gateway: the one address SuperNodes get."""
+        return f"{HOST}:{self.fleet_port}"
 
     def run_command(self, app: str = ".") -> str:
         """The shell command that runs a Flower app on this federation."""
@@ -204,6 +217,7 @@ class LocalDeployment:
         try:
             self._prepare_files()
             self._start_superlink(deadline)
+            self._start_gateway(deadline)
             if not self.insecure:
                 self._register_nodes()
             for spec in self.nodes:
@@ -216,10 +230,9 @@ class LocalDeployment:
         return self
 
     def stop(self, timeout: float = 20.0) -> None:
-        """Stop SuperNodes first (they deregister), then the SuperLink, then any extras."""
+        """Stop SuperNodes first (they deregister through the gateway), then the rest."""
         stop_all([*self.supernodes, *self.extra_processes], timeout)
-        if self.superlink is not None:
-            stop_all([self.superlink], timeout)
+        stop_all([p for p in (self.gateway, self.superlink) if p is not None], timeout)
 
     def __enter__(self) -> LocalDeployment:
         return self.start()
@@ -348,18 +361,17 @@ class LocalDeployment:
                 )
             time.sleep(1.0)
 
-    def healthy(self, timeout: float = 5.0) -> bool:
-        """Whether the SuperLink answers GET /health (over TLS unless insecure)."""
+    def healthy(self, timeout: float = 5.0, port: int | None = None) -> bool:
+        """Whether the SuperLink (or the gateway at `port`) answers GET /health."""
+        port = self.superlink_port if port is None else port
         if self.insecure:
             connection: http.client.HTTPConnection = http.client.HTTPConnection(
-                HOST, self.superlink_port, timeout=timeout
+                HOST, port, timeout=timeout
             )
         else:
             assert self.certs is not None
             context = ssl.create_default_context(cafile=str(self.certs.ca_cert))
-            connection = http.client.HTTPSConnection(
-                HOST, self.superlink_port, timeout=timeout, context=context
-            )
+            connection = http.client.HTTPSConnection(HOST, port, timeout=timeout, context=context)
         try:
             connection.request("GET", "/health")
             return connection.getresponse().status == 200
@@ -371,7 +383,7 @@ class LocalDeployment:
     def problems(self) -> list[str]:
         """Processes that exited although they should run (for a watchdog loop)."""
         found = []
-        for process in [self.superlink, *self.supernodes]:
+        for process in [self.superlink, self.gateway, *self.supernodes]:
             if process is not None:
                 process.track()
                 if process.returncode is not None:
@@ -382,7 +394,7 @@ class LocalDeployment:
 
     def leftover_processes(self) -> list[int]:
         """Pids still running from any process this deployment started."""
-        processes = [self.superlink, *self.supernodes, *self.extra_processes]
+        processes = [self.superlink, self.gateway, *self.supernodes, *self.extra_processes]
         return [pid for p in processes if p is not None for pid in p.leftover_processes()]
 
     # --- internals --------------------------------------------------------------------
@@ -400,7 +412,7 @@ class LocalDeployment:
         )
 
     def _start_superlink(self, deadline: float) -> None:
-        for port in [self.superlink_port, *(spec.port for spec in self.nodes)]:
+        for port in [self.superlink_port, self.fleet_port, *(spec.port for spec in self.nodes)]:
             if port_in_use(port, HOST):
                 raise DeploymentError(
                     f"port {port} on {HOST} is in use (another SuperLink?); stop it, pass "
@@ -422,22 +434,49 @@ class LocalDeployment:
                 "--enable-supernode-auth",
             ]
         env = self._process_env(self.homes_dir / "superlink")
+        for switch in LEGACY_GRPC_SWITCHES:
+            env.pop(switch, None)
         env.setdefault("FEDGE_WORKDIR", str(self.workdir))  # relative output-dir lands here
         self.superlink = ManagedProcess(
             "superlink", argv, self.logs_dir / "superlink.log", env=env, cwd=self.workdir
         )
         logger.info("starting SuperLink on %s (logs: %s)", self.address, self.superlink.log_path)
         self.superlink.start()
-        while not self.healthy(timeout=2.0):
-            if not self.superlink.alive():
+        self._wait_healthy(self.superlink, self.superlink_port, deadline)
+
+    def _start_gateway(self, deadline: float) -> None:
+        """The Fleet-only gateway SuperNodes connect to (fedge/deploy/gateway.py)."""
+        argv = [sys.executable, "-m", "fedge.cli", "deploy", "fleet-gateway"]
+        argv += ["--listen", self.fleet_address, "--superlink", self.address]
+        if self.insecure:
+            argv += ["--insecure"]
+        else:
+            assert self.certs is not None
+            argv += ["--ssl-certfile", str(self.certs.server_cert)]
+            argv += ["--ssl-keyfile", str(self.certs.server_key)]
+            argv += ["--root-certificates", str(self.certs.ca_cert)]
+        self.gateway = ManagedProcess(
+            "fleet-gateway",
+            argv,
+            self.logs_dir / "fleet-gateway.log",
+            env=self._process_env(self.homes_dir / "fleet-gateway"),
+            cwd=self.directory,
+        )
+        logger.info("starting the Fleet gateway on %s", self.fleet_address)
+        self.gateway.start()
+        self._wait_healthy(self.gateway, self.fleet_port, deadline)
+
+    def _wait_healthy(self, process: ManagedProcess, port: int, deadline: float) -> None:
+        while not self.healthy(timeout=2.0, port=port):
+            if not process.alive():
                 raise DeploymentError(
-                    f"flower-superlink exited ({self.superlink.returncode}):\n"
-                    f"{self.superlink.tail()}\n(full log: {self.superlink.log_path})"
+                    f"{process.name} exited ({process.returncode}):\n"
+                    f"{process.tail()}\n(full log: {process.log_path})"
                 )
             if time.monotonic() > deadline:
                 raise DeploymentError(
-                    f"the SuperLink did not answer on {self.address} within "
-                    f"{self.startup_timeout:.0f}s; see {self.superlink.log_path}"
+                    f"{process.name} did not answer on {HOST}:{port} within "
+                    f"{self.startup_timeout:.0f}s; see {process.log_path}"
                 )
             time.sleep(0.5)
 
@@ -497,7 +536,7 @@ class LocalDeployment:
     def _supernode_argv(
         self, spec: NodeSpec, *, private_key: Path | None, root: Path | None = None
     ) -> list[str]:
-        argv = [_executable("flower-supernode"), "--superlink", self.address]
+        argv = [_executable("flower-supernode"), "--superlink", self.fleet_address]
         if self.insecure:
             argv += ["--insecure"]
         else:
@@ -571,20 +610,21 @@ def _extra_config(extra: Mapping[str, ConfigValue] | str | None) -> dict[str, Co
     return values
 
 
-def _choose_ports(port_base: int | None, nodes: int) -> tuple[int, list[int]]:
+def _choose_ports(port_base: int | None, nodes: int) -> tuple[int, int, list[int]]:
+    """(SuperLink, Fleet gateway, SuperNode i): base, base+1+N, base+1+i; or free ports."""
     if not port_base:
         ports: list[int] = []
-        while len(ports) < nodes + 1:
+        while len(ports) < nodes + 2:
             port = free_port(HOST)
             if port not in ports:
                 ports.append(port)
-        return ports[0], ports[1:]
-    if not 1024 <= port_base <= 65535 - nodes:
+        return ports[0], ports[-1], ports[1:-1]
+    if not 1024 <= port_base <= 65535 - nodes - 1:
         raise ValueError(
-            f"--port-base {port_base} leaves no room for {nodes} SuperNode ports; "
-            f"use 1024..{65535 - nodes}, or 0 to pick free ports"
+            f"--port-base {port_base} leaves no room for {nodes} SuperNode ports and the "
+            f"Fleet gateway; use 1024..{65535 - nodes - 1}, or 0 to pick free ports"
         )
-    return port_base, [port_base + 1 + i for i in range(nodes)]
+    return port_base, port_base + 1 + nodes, [port_base + 1 + i for i in range(nodes)]
 
 
 def _executable(name: str) -> str:
