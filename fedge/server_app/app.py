@@ -22,6 +22,7 @@ from fedge.server_app.plotting import plot_metrics
 from fedge.server_app.polling import responsive
 from fedge.server_app.privacy import BudgetExhausted, ServerPrivacy
 from fedge.server_app.recorder import RoundRecorder
+from fedge.server_app.robust import InfluenceBound
 from fedge.server_app.run_folder import PRIVACY_REPORT, RunFolder, restore_rng_state
 from fedge.server_app.secure_round import SecAggSettings
 from fedge.server_app.strategy import FedgeAvg
@@ -59,6 +60,9 @@ def build_strategy(config: FedgeConfig, spec: ModelSpec, bundle: DatasetBundle) 
         min_available_nodes=config.min_available_nodes,
         edge_backbone=edge_backbone_exporter(config, spec, bundle),
         secagg=SecAggSettings.from_config(config) if config.secagg else None,
+        influence=InfluenceBound(
+            config.norm_bound, config.weight_bound, config.aggregator, config.trim_fraction
+        ),
     )
 
 

@@ -68,6 +68,8 @@ class RoundRecorder:
             "aggregated": report.aggregated,
             "seconds": round(now - self._last_time, 4),
         }
+        if report.skip_reason is not None:
+            row["skip_reason"] = report.skip_reason
         if self.strategy.privacy is not None:
             row["epsilon"] = self.strategy.privacy.epsilon()
         if report.client_epsilons:
