@@ -72,10 +72,10 @@ class FedgeConfig:
         0.0, "server momentum on the aggregated update", low=0, high=1, high_open=True
     )
     norm_bound: float = _opt(
-        2.0, "without DP/SecAgg, clip each update to this x the round's median norm; 0 = off", low=0
+        1.0, "without DP/SecAgg, clip each update to this x the round's median norm; 0 = off", low=0
     )
     weight_bound: float = _opt(
-        2.0, "without DP/SecAgg, cap each num-examples at this x the round's median; 0 = off", low=0
+        1.0, "without DP/SecAgg, cap each num-examples at this x the round's median; 0 = off", low=0
     )
     aggregator: str = _opt(
         "mean",

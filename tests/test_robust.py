@@ -8,16 +8,18 @@ import math
 
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_strategy import GLOBAL, aggregate, reply, serverapp_identity, start_round
 
 from fedge.config import ConfigError, FedgeConfig
 from fedge.privacy.clipping import global_norm
-from fedge.records import NamedArrays
+from fedge.records import NamedArrays, to_array_record
 from fedge.server_app.aggregation import weighted_mean
 from fedge.server_app.robust import InfluenceBound, coordinate_median, trimmed_mean
 from fedge.server_app.strategy import FedgeAvg
+from fedge.simulation import NodeGrid
 
 pytestmark = pytest.mark.usefixtures("serverapp_identity")
 assert serverapp_identity  # the fixture, imported for its side effect
@@ -138,11 +140,11 @@ ATTACKS = ["scale-1e6", "entries-1e30", "replacement", "sign-flip-10"]
 
 @pytest.mark.parametrize("kind", ATTACKS)
 def test_one_attacker_moves_the_model_at_most_the_norm_bound(kind: str) -> None:
-    """Every update is clipped to 2× the median norm, so the weighted mean moves at
+    """Every update is clipped to the median norm, so the weighted mean moves at
     most that; with the bound off (as before) the same reply moves it further."""
     honest_norms = [global_norm(u) for u in _honest()]
-    bound = 2.0 * max(honest_norms)  # the median of 3 norms with one attacker is honest
-    assert _move(FedgeAvg(), kind) <= bound * (1 + 1e-5)
+    bound = max(honest_norms)  # the median of 3 norms with one attacker is honest
+    assert _move(FedgeAvg(influence=InfluenceBound()), kind) <= bound * (1 + 1e-5)
     unbounded = FedgeAvg(influence=InfluenceBound(norm_factor=0.0, weight_factor=0.0))
     assert _move(unbounded, kind) > bound
 
@@ -167,19 +169,25 @@ def test_robust_aggregators_stay_near_the_honest_updates(kind: str, aggregator: 
 
 
 def test_the_weight_share_of_a_client_at_the_cap_is_bounded() -> None:
-    """An update just inside the norm bound with a weight of 1e15 counts as
-    weight-bound × the median weight, here half of the round."""
-    honest = _honest()
-    start_round(strategy := FedgeAvg())
-    zero = {n: np.zeros_like(v) for n, v in GLOBAL.items()}
-    own = honest[0]
-    at_bound = {n: -v * 2.0 * 0.999 for n, v in own.items()}  # ≈ 2 × its own (median) norm
-    replies = [reply(NODES[0], own, 50), reply(NODES[1], zero, 50), reply(NODES[2], at_bound, 1e15)]
-    new = aggregate(strategy, replies)
+    """An update just inside the norm bound with a weight of 1e15 counts as the
+    median weight: one fifth of this round, not all of it."""
+    own = _honest()[0]
+    half = {n: v * 0.5 for n, v in own.items()}
+    at_bound = {n: -v * 0.999 for n, v in own.items()}  # norms: 1, 1, 1, 0.5, 0.999
+    updates = [own, own, own, half, at_bound]
+    strategy = FedgeAvg(influence=InfluenceBound())
+    strategy.configure_train(1, to_array_record(GLOBAL), ConfigRecord(), NodeGrid(range(1, 6)))
+    weights = [50, 50, 50, 50, 10**15]
+    new = aggregate(
+        strategy,
+        [reply(k + 1, u, w) for k, (u, w) in enumerate(zip(updates, weights, strict=True))],
+    )
     assert new is not None
-    want = weighted_mean([own, zero, at_bound], [50, 50, 100])  # 2 × median(50, 50, 1e15)
+    want = weighted_mean(updates, [50] * 5)  # median(50, ..., 1e15) = 50
     for name in GLOBAL:
         np.testing.assert_allclose(new[name] - GLOBAL[name], want[name], atol=1e-6)
+    unbounded = weighted_mean(updates, weights)
+    assert not np.allclose(unbounded["head.bias"], want["head.bias"], atol=1e-3)
 
 
 def test_robust_aggregators_are_refused_where_updates_are_hidden_or_private() -> None:
@@ -187,3 +195,14 @@ def test_robust_aggregators_are_refused_where_updates_are_hidden_or_private() ->
     for extra in ({"secagg": True}, {"dp-mode": "central"}):
         with pytest.raises(ConfigError, match="aggregator='median' needs each client's update"):
             FedgeConfig.from_run_config({"aggregator": "median", **extra})
+
+
+def test_the_server_app_bounds_influence_by_default() -> None:
+    from fedge.server_app.app import build_strategy
+    from fedge.task import dataset_for, model_spec_for
+
+    config = FedgeConfig()
+    bundle = dataset_for(config)
+    strategy = build_strategy(config, model_spec_for(config, bundle), bundle)
+    assert strategy.influence == InfluenceBound(norm_factor=1.0, weight_factor=1.0)
+    assert _move(strategy, "scale-1e6") <= max(global_norm(u) for u in _honest()) * (1 + 1e-5)

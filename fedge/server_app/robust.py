@@ -3,7 +3,10 @@
 Without SecAgg the server sees every update, so it bounds each one before
 aggregating (`InfluenceBound`): an update's L2 norm is clipped to a multiple of
 the round's median update norm and its weight n_k capped at a multiple of the
-round's median n_k. While fewer than half of the replies are malicious both
+round's median n_k (by default 1×: on digits that cost honest training nothing
+measurable while 2× let an update at the bound cost 4.7 points; see
+docs/benchmarks.md, "Bounded client influence"). While fewer than half of the
+replies are malicious both
 medians lie within the honest range, so a single client moves the weighted
 mean by at most `weight share × norm bound`, whatever it sends. Optional robust
 aggregators (coordinate-wise trimmed mean or median, unweighted as in Flower's
@@ -66,8 +69,8 @@ class InfluenceBound:
     one of AGGREGATORS.
     """
 
-    norm_factor: float = 2.0
-    weight_factor: float = 2.0
+    norm_factor: float = 1.0
+    weight_factor: float = 1.0
     aggregator: str = "mean"
     trim_fraction: float = 0.1
 

@@ -96,7 +96,8 @@ class FedgeAvg(FedAvg):
         self.privacy = privacy
         self.edge_backbone = edge_backbone
         self.secagg = secagg
-        self.influence = influence or InfluenceBound()
+        # None: the plain weighted mean; the ServerApp passes the run config's bounds
+        self.influence = influence or InfluenceBound(norm_factor=0.0, weight_factor=0.0)
         self.secure_round: SecureRound | None = None
         self.keyed_round: KeyedRound | None = None  # shared keys for the next round
         self.train_messages: list[Message] = []
