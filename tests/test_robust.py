@@ -76,15 +76,32 @@ def test_robust_aggregators_use_only_the_updates_that_carry_each_array() -> None
         assert not np.array_equal(got["b"], aggregate_fn(full)["b"])
 
 
+def _reference_bound(updates: list[NamedArrays], factor: float) -> float:
+    """factor × √Σ_name (median_k ‖Δ_k[name]‖)² (every update carries every name)."""
+    medians = [np.median([np.linalg.norm(u[name]) for u in updates]) for name in updates[0]]
+    return factor * float(np.sqrt(np.sum(np.square(medians))))
+
+
 def test_updates_within_the_bound_are_untouched_and_the_rest_clipped_to_it() -> None:
     updates = _stack(5, 2)
     updates[0] = {k: v * 1e6 for k, v in updates[0].items()}
-    norms = [global_norm(u) for u in updates]
-    bound = 2.0 * float(np.median(norms))
+    bound = _reference_bound(updates, 2.0)
     bounded = InfluenceBound(norm_factor=2.0).bounded_updates(updates)
     assert bound * (1 - 1e-5) <= global_norm(bounded[0]) <= bound
     for original, kept in zip(updates[1:], bounded[1:], strict=True):
         assert all(np.array_equal(original[k], kept[k]) for k in original)
+
+
+def test_head_only_updates_are_bounded_by_the_head_medians() -> None:
+    """An edge client's head-only update is neither clipped for being small nor
+    free to be large: its bound comes from every update's head arrays."""
+    full = _stack(4, 3)
+    head = {"b": full[0]["b"] * 0.9}
+    bound = InfluenceBound()
+    assert bound.bounded_updates([*full, head])[-1] is head  # within the bound: untouched
+    huge = {"b": full[0]["b"] * 1e6}
+    limit = float(max(np.linalg.norm(u["b"]) for u in full))
+    assert global_norm(bound.bounded_updates([*full, huge])[-1]) <= limit
 
 
 def test_weights_are_capped_at_the_factor_times_the_median() -> None:
@@ -124,6 +141,13 @@ def _attack(kind: str, honest: list[NamedArrays]) -> tuple[NamedArrays, float]:
     raise ValueError(kind)
 
 
+def _honest_bound() -> float:
+    """With one attacker among 3 replies each array's median norm is at most the
+    larger honest one, so the norm bound is at most √Σ_name max_k ‖h_k[name]‖²."""
+    honest = _honest()
+    return float(np.sqrt(sum(max(np.linalg.norm(h[n]) ** 2 for h in honest) for n in GLOBAL)))
+
+
 def _move(strategy: FedgeAvg, kind: str) -> float:
     """‖new global − old global‖ after one round with the attacker among the replies."""
     honest = _honest()
@@ -142,8 +166,7 @@ ATTACKS = ["scale-1e6", "entries-1e30", "replacement", "sign-flip-10"]
 def test_one_attacker_moves_the_model_at_most_the_norm_bound(kind: str) -> None:
     """Every update is clipped to the median norm, so the weighted mean moves at
     most that; with the bound off (as before) the same reply moves it further."""
-    honest_norms = [global_norm(u) for u in _honest()]
-    bound = max(honest_norms)  # the median of 3 norms with one attacker is honest
+    bound = _honest_bound()
     assert _move(FedgeAvg(influence=InfluenceBound()), kind) <= bound * (1 + 1e-5)
     unbounded = FedgeAvg(influence=InfluenceBound(norm_factor=0.0, weight_factor=0.0))
     assert _move(unbounded, kind) > bound
@@ -205,4 +228,4 @@ def test_the_server_app_bounds_influence_by_default() -> None:
     bundle = dataset_for(config)
     strategy = build_strategy(config, model_spec_for(config, bundle), bundle)
     assert strategy.influence == InfluenceBound(norm_factor=1.0, weight_factor=1.0)
-    assert _move(strategy, "scale-1e6") <= max(global_norm(u) for u in _honest()) * (1 + 1e-5)
+    assert _move(strategy, "scale-1e6") <= _honest_bound() * (1 + 1e-5)

@@ -80,21 +80,38 @@ class InfluenceBound:
         if not 0 <= self.trim_fraction < 0.5:
             raise ValueError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
 
+    def bounds(self, updates: list[NamedArrays]) -> list[float]:
+        """Each update's L2 bound: norm_factor × √Σ (median norm of each array it carries)².
+
+        For full updates that is about the median update norm. Taking the median per
+        array keeps head-only (edge) updates comparable with full ones, and a client
+        cannot move a median by sending arrays no one else sends: validation refuses
+        names outside the global model, and each median spans every carrier.
+        """
+        norms: dict[str, list[float]] = {}
+        for update in updates:
+            for name, value in update.items():
+                norms.setdefault(name, []).append(global_norm({name: value}))
+        medians = {name: float(np.median(values)) for name, values in norms.items()}
+        return [self.norm_factor * math.sqrt(sum(medians[n] ** 2 for n in u)) for u in updates]
+
     def bounded_updates(self, updates: list[NamedArrays]) -> list[NamedArrays]:
-        """Every update clipped to norm_factor × the median update norm."""
+        """Every update clipped to its bound (see `bounds`)."""
         if self.norm_factor <= 0:
             return updates
-        norms = [global_norm(update) for update in updates]
-        bound = self.norm_factor * float(np.median(norms))
-        if bound <= 0:  # most clients sent zeros: so may everyone else
-            return [{name: np.zeros_like(v) for name, v in u.items()} for u in updates]
-        clipped = sum(norm > bound for norm in norms)
+        bounded, clipped = [], 0
+        for update, bound in zip(updates, self.bounds(updates), strict=True):
+            if global_norm(update) <= bound:
+                bounded.append(update)
+                continue
+            clipped += 1
+            if bound > 0:
+                bounded.append(clip_update(update, bound)[0])
+            else:  # most clients sent zeros for these arrays: so may this one
+                bounded.append({name: np.zeros_like(value) for name, value in update.items()})
         if clipped:
-            log(INFO, "Clipped %s of %s updates to L2 norm %.4g", clipped, len(norms), bound)
-        return [
-            clip_update(u, bound)[0] if n > bound else u
-            for u, n in zip(updates, norms, strict=True)
-        ]
+            log(INFO, "Clipped %s of %s updates to the round's norm bound", clipped, len(updates))
+        return bounded
 
     def bounded_weights(self, weights: list[float]) -> list[float]:
         """Every n_k capped at weight_factor × the median n_k."""
