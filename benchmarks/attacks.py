@@ -22,8 +22,10 @@ round's medians), `plain-unbounded` (norm-bound=0 weight-bound=0: fedge before
 this change), `trimmed-mean` and `median` (fedge's robust aggregators),
 `central-dp` (clip C = 1, σ = 0.01: the clip check and equal weights, with
 next to no noise so that 5 rounds learn), `secagg` (SecAgg+, clip 10, max
-weight 1000), `secagg-central-dp`, and Flower's own `flower-fedtrimmedavg`
-(β = 0.2) and `flower-krum` (one malicious node assumed) as the anchor.
+weight 1000), `secagg-central-dp`, `secagg-equal-weights` (every client
+counts once and clips to 3: secagg-max-weight=1 secagg-clip-norm=3), and
+Flower's own `flower-fedtrimmedavg` (β = 0.2) and `flower-krum` (one
+malicious node assumed) as the anchor.
 
 Attacks: `scale` (Δ × 1e6), `replace` (Δ = target − w, num-examples = 1e15;
 the target predicts class 0 for everything), `sign-flip` (Δ × −10),
@@ -85,6 +87,7 @@ FEDGE_MODES: dict[str, dict[str, Any]] = {
     "central-dp": {"dp-mode": "central", "dp-noise-multiplier": 0.01},
     "secagg": {"secagg": True},
     "secagg-central-dp": {"secagg": True, "dp-mode": "central", "dp-noise-multiplier": 0.01},
+    "secagg-equal-weights": {"secagg": True, "secagg-max-weight": 1, "secagg-clip-norm": 3.0},
 }
 FLOWER_MODES = ("flower-fedtrimmedavg", "flower-krum")
 MODES = (*FEDGE_MODES, *FLOWER_MODES)
@@ -356,7 +359,7 @@ def summarize(rows: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--modes", nargs="+", default=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument(
         "--attacks", nargs="+", default=list(SECAGG_ATTACKS), choices=SECAGG_ATTACKS
     )
