@@ -36,6 +36,7 @@ from fedge.records import to_array_record
 from fedge.secagg import Quantizer
 from fedge.server_app.privacy import ServerPrivacy
 from fedge.server_app.recorder import RoundRecorder
+from fedge.server_app.robust import SecureBounds
 from fedge.server_app.run_folder import RunFolder
 from fedge.server_app.strategy import FedgeAvg
 from fedge.task import dataset_for, model_spec_for
@@ -202,3 +203,17 @@ def test_the_skip_reason_reaches_metrics_jsonl(tmp_path: Path) -> None:
     row = json.loads((tmp_path / "metrics.jsonl").read_text(encoding="utf-8"))
     assert row["aggregated"] is False
     assert "weight total 0 outside" in row["skip_reason"]
+
+
+def test_distributed_dp_noise_is_allowed_for_and_nothing_beyond_it() -> None:
+    """Sums of clipped updates plus each client's noise share pass; the same sum
+    plus one more client's worth of clip norm in one direction does not."""
+    m, d, clip, sigma = 10, 5_000, 1.0, 0.05
+    bounds = SecureBounds(clip, 1, True, error_bound=0.0, honest_limit=1e9, noise_stddev=sigma)
+    rng = np.random.default_rng(3)
+    direction = np.ones(d) / np.sqrt(d)
+    for _ in range(20):
+        honest = sum(clip * direction + rng.normal(0, sigma, d) for _ in range(m))
+        assert bounds.problem(honest, m, m) is None
+    allowed = m * clip + m * sigma * (np.sqrt(d) + 10)
+    assert bounds.problem(direction * allowed * 1.01, m, m) is not None
