@@ -16,10 +16,12 @@ Under SecAgg+ the server sees only Σ n_k·Δ_k and Σ n_k, so `SecureBounds`
 checks the sum instead: the weight total must be one an honest set of
 survivors can produce and the sum's norm must not exceed what updates clipped
 to C allow (plus quantization error and, distributed DP, the clients' noise).
-A sum that fails is not applied. What stays possible is an in-bound update:
-a client that clips to C and claims the maximum weight still steers the mean
-by up to its weight share × C in any direction it likes; telling that apart
-from honest data needs zero-knowledge range proofs (out of scope).
+A sum that fails is not applied. What stays possible is any contribution that
+keeps the sum in bounds: a client at the maximum weight steers the mean by its
+weight share × C in any direction, and more when honest updates partly cancel
+(a ×10 sign flip of a clipped update passed the check on digits), or it makes
+every round fail. Bounding each input needs zero-knowledge range proofs (out
+of scope).
 """
 
 from __future__ import annotations
