@@ -78,6 +78,20 @@ class FedgeConfig:
         "public cap on a reply's num-examples (plain and SecAgg); clients report min(n, cap)",
         low=1,
     )
+    norm_bound: float = _opt(
+        1.0, "without DP/SecAgg, clip each update to this x the round's median norm; 0 = off", low=0
+    )
+    weight_bound: float = _opt(
+        1.0, "without DP/SecAgg, cap each num-examples at this x the round's median; 0 = off", low=0
+    )
+    aggregator: str = _opt(
+        "mean",
+        "without DP/SecAgg: weighted mean or a robust coordinate-wise aggregator",
+        choices=("mean", "trimmed-mean", "median"),
+    )
+    trim_fraction: float = _opt(
+        0.1, "trimmed-mean: share of values cut at each end", low=0, high=0.5, high_open=True
+    )
     # Data and model
     dataset: str = _opt("digits", "digits, breast-cancer, a folder path, or hf:<id>")
     partitioner: str = _opt(
@@ -207,6 +221,12 @@ class FedgeConfig:
             raise ConfigError(
                 "dp-adaptive-clipping needs per-client clip reports, which SecAgg hides; "
                 "set secagg=false or dp-adaptive-clipping=false"
+            )
+        if self.aggregator != "mean" and (self.secagg or self.dp_mode != "none"):
+            raise ConfigError(
+                f"aggregator={self.aggregator!r} needs each client's update, which SecAgg hides "
+                "and DP's sensitivity analysis does not cover; set aggregator='mean' (DP and "
+                "SecAgg bound each client by the clip norm) or secagg=false dp-mode='none'"
             )
         if self.secagg and self.edge_clients:
             raise ConfigError("secagg=true does not support edge-clients yet; set edge-clients=0")

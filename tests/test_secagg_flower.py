@@ -428,7 +428,14 @@ def test_keys_shared_ahead_are_not_used_under_other_parameters() -> None:
 
 SIM_NODES = 10
 SIM_CLIP = 50.0  # far above any client's update norm here, so nothing is clipped
-SIM_CONFIG = {"partitioner": "iid", "seed": 11, "local-epochs": 1, "secagg-clip-norm": SIM_CLIP}
+SIM_CONFIG = {
+    "partitioner": "iid",
+    "seed": 11,
+    "local-epochs": 1,
+    "secagg-clip-norm": SIM_CLIP,
+    "norm-bound": 0.0,  # the plain run is the weighted mean the secure one computes
+    "weight-bound": 0.0,
+}
 
 
 def read_rows(run_dir: Path) -> list[dict[str, Any]]:

@@ -30,7 +30,7 @@ from fedge.secagg.quantize import ENCODE_BLOCK
 from fedge.secagg.shamir import PRIME, SHARE_BYTES, combine, share_at, split
 
 FAST = settings(max_examples=60, deadline=None)
-MAX_PRODUCT = (2**31 - 1) >> 8  # largest safe num_clients * max_weight
+MAX_PRODUCT = (2**31 - 1) >> 9  # largest safe num_clients * max_weight (8 bits + headroom)
 
 # --- Shamir ----------------------------------------------------------------------------
 

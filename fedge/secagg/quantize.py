@@ -1,17 +1,21 @@
 """Stochastic fixed-point encoding of weighted updates into Z_{2^32}.
 
 A client with weight n_k <= W and update Δ (|Δ_i| <= R after clipping) encodes
-x = n_k·Δ as signed integer levels in [-A, A], A = floor((2^31 - 1) / N), with
+x = n_k·Δ as signed integer levels in [-A, A], A = floor((2^31 - 1) / (2N)), with
 step s = W·R / A, stored mod 2^32. Any sum of at most N such vectors lies in
-[-(2^31 - 1), 2^31 - 1] and decodes exactly as int32, so no dropout pattern can
-overflow. Rounding is stochastic (unbiased to within 2^-32), with CSPRNG uniforms, so
-each client's error is below one step and the decoded sum of m <= N clients is
-off by less than m·s per coordinate: `quantization_error_bound` is N·s.
+[-N·A, N·A], half of int32, and decodes exactly, so no dropout pattern can
+overflow. The other half is headroom against a malicious client, which may
+upload any uint32 levels: a decoded coordinate beyond N·A (`honest_limit`)
+proves that the sum wrapped or that a level was out of range, and the server
+refuses it (fedge.server_app.robust.SecureBounds). Rounding is stochastic
+(unbiased to within 2^-32), with CSPRNG uniforms, so each client's error is
+below one step and the decoded sum of m <= N clients is off by less than m·s
+per coordinate: `quantization_error_bound` is N·s.
 
 n_k itself travels exactly as one extra entry; N·W < 2^32 follows from the
 resolution rule below. A configuration is refused when a weight-1 update would
 get fewer than 2^MIN_RESOLUTION_BITS levels on each side of zero, i.e. when
-s > R / 2^MIN_RESOLUTION_BITS, which happens once N·W exceeds about 2^23.
+s > R / 2^MIN_RESOLUTION_BITS, which happens once N·W exceeds about 2^22.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from fedge.secagg.crypto import KEY_BYTES, KeystreamBlocks
 MIN_RESOLUTION_BITS = 8
 ENCODE_BLOCK = 1 << 16  # values per block: 1 MiB of float64 temporaries, within L2
 _MAX_SUM = 2**31 - 1
+HEADROOM_BITS = 1  # honest sums use 2^-HEADROOM_BITS of the int32 range
 
 
 @dataclass(frozen=True)
@@ -48,21 +53,27 @@ class Quantizer:
             raise ValueError(
                 f"num_clients={self.num_clients} x max_weight={self.max_weight} is too "
                 "large for 32-bit secure aggregation: the sum could not be kept below "
-                f"2^31 with a step finer than clip_range/2^{MIN_RESOLUTION_BITS} for a "
-                f"weight-1 client (num_clients*max_weight must be at most "
-                f"{_MAX_SUM >> MIN_RESOLUTION_BITS}). Lower max_weight (cap or rescale "
-                "the example counts n_k) or aggregate fewer clients per round."
+                f"2^{31 - HEADROOM_BITS} with a step finer than "
+                f"clip_range/2^{MIN_RESOLUTION_BITS} for a weight-1 client "
+                "(num_clients*max_weight must be at most "
+                f"{_MAX_SUM >> (MIN_RESOLUTION_BITS + HEADROOM_BITS)}). Lower max_weight "
+                "(cap or rescale the example counts n_k) or aggregate fewer clients per round."
             )
 
     @property
     def max_level(self) -> int:
         """A: largest |level| one client may contribute."""
-        return _MAX_SUM // self.num_clients
+        return _MAX_SUM // (self.num_clients << HEADROOM_BITS)
 
     @property
     def step(self) -> float:
         """s: value of one level of n_k·Δ."""
         return self.max_weight * self.clip_range / self.max_level
+
+    @property
+    def honest_limit(self) -> float:
+        """Largest |coordinate| of a decoded sum of at most N in-range encodings."""
+        return self.num_clients * self.max_level * self.step
 
     @property
     def error_bound(self) -> float:

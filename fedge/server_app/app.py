@@ -22,6 +22,7 @@ from fedge.server_app.plotting import plot_metrics
 from fedge.server_app.polling import responsive
 from fedge.server_app.privacy import BudgetExhausted, ServerPrivacy
 from fedge.server_app.recorder import RoundRecorder
+from fedge.server_app.robust import InfluenceBound
 from fedge.server_app.run_folder import (
     PRIVACY_REPORT,
     Checkpoint,
@@ -66,6 +67,9 @@ def build_strategy(
         edge_backbone=edge_backbone_exporter(config, spec, bundle),
         secagg=SecAggSettings.from_config(config) if config.secagg else None,
         max_num_examples=config.max_num_examples,
+        influence=InfluenceBound(
+            config.norm_bound, config.weight_bound, config.aggregator, config.trim_fraction
+        ),
     )
 
 

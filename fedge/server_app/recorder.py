@@ -76,6 +76,8 @@ class RoundRecorder:
             "aggregated": report.aggregated,
             "seconds": round(now - self._last_time, 4),
         }
+        if report.skip_reason is not None:
+            row["skip_reason"] = report.skip_reason
         privacy = self.privacy
         if privacy.mode == "none":
             privacy.account_without_dp(absolute)

@@ -31,9 +31,10 @@ from fedge.edge.broadcast import BACKBONE_KEY
 from fedge.edge.head import HEAD_BIAS, HEAD_WEIGHT
 from fedge.records import NamedArrays, from_array_record, to_array_record, unflatten
 from fedge.secagg import SecAggAbort
-from fedge.server_app.aggregation import apply_update, summed, weighted_mean
+from fedge.server_app.aggregation import apply_update, summed
 from fedge.server_app.polling import destinations, replying_node
 from fedge.server_app.privacy import ServerPrivacy
+from fedge.server_app.robust import InfluenceBound, SecureBounds
 from fedge.server_app.secure_round import KeyedRound, SecAggSettings, SecureRound
 from fedge.server_app.validation import DEFAULT_MAX_NUM_EXAMPLES, CheckedReply, check_reply
 
@@ -49,6 +50,7 @@ class RoundReport:
     rejected: dict[int, str] = field(default_factory=dict)
     train_loss: float | None = None
     aggregated: bool = False
+    skip_reason: str | None = None  # why the model stayed unchanged this round
     epsilon: float | None = None
     client_epsilons: list[float] = field(default_factory=list)
     val_metrics: dict[str, float] = field(default_factory=dict)
@@ -81,6 +83,7 @@ class FedgeAvg(FedAvg):
         edge_backbone: Callable[[NamedArrays], bytes] | None = None,
         secagg: SecAggSettings | None = None,
         max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES,
+        influence: InfluenceBound | None = None,
         **fedavg_kwargs: object,
     ) -> None:
         super().__init__(weighted_by_key=WEIGHT_KEY, **fedavg_kwargs)  # type: ignore[arg-type]
@@ -95,6 +98,8 @@ class FedgeAvg(FedAvg):
         self.partial_names = (
             frozenset({HEAD_WEIGHT, HEAD_BIAS}) if edge_backbone is not None else None
         )
+        # None: the plain weighted mean; the ServerApp passes the run config's bounds
+        self.influence = influence or InfluenceBound(norm_factor=0.0, weight_factor=0.0)
         self.secure_round: SecureRound | None = None
         self.keyed_round: KeyedRound | None = None  # shared keys for the next round
         self.train_messages: list[Message] = []
@@ -233,17 +238,23 @@ class FedgeAvg(FedAvg):
         self.report.num_rejected = len(self.report.rejected)
         return accepted
 
+    def skip(self, server_round: int, reason: str) -> None:
+        """Keep the global model for this round; the log and metrics.jsonl say why."""
+        self.report.skip_reason = reason
+        log(
+            WARNING,
+            "Round %s: %s; the global model stays unchanged",
+            self.absolute_round(server_round),
+            reason,
+        )
+
     def enough(self, server_round: int, count: int) -> bool:
         """Whether `count` contributions may be aggregated; logs why not."""
         if count >= max(self.min_train_nodes, 1):
             return True
-        log(
-            WARNING,
-            "Round %s: %s valid updates, fewer than min-train-nodes=%s; "
-            "the global model stays unchanged",
-            self.absolute_round(server_round),
-            count,
-            self.min_train_nodes,
+        self.skip(
+            server_round,
+            f"{count} valid updates, fewer than min-train-nodes={self.min_train_nodes}",
         )
         return False
 
@@ -276,30 +287,53 @@ class FedgeAvg(FedAvg):
         try:
             result = self.secure_round.close(replies, destinations(self.train_messages))
         except SecAggAbort as abort:
-            log(WARNING, "SecAgg round aborted: %s; the global model stays unchanged", abort)
+            self.skip(server_round, f"SecAgg round aborted: {abort}")
             return None
         finally:
             self.keyed_round = self.secure_round.next_round
         self.report.num_replies = result.num_clients
         self.report.num_rejected = len(result.dropped)
         self.report.rejected = dict(result.dropped)
-        if not self.enough(server_round, result.num_clients) or result.total_weight <= 0:
+        if not self.enough(server_round, result.num_clients):
+            return None
+        problem = self.secure_bounds().problem(
+            result.weighted_sum, result.total_weight, result.num_clients
+        )
+        if problem is not None:
+            self.skip(server_round, f"SecAgg sum refused: {problem}")
             return None
         total = unflatten(result.weighted_sum, self.current_arrays)
         if self.privacy is not None:
             mean = self.private_mean(
                 self.absolute_round(server_round), total, result.num_clients, 0
             )
-        else:
+        else:  # Σn_k lies in [m, m·W], checked above
             mean = {name: value / result.total_weight for name, value in total.items()}
         return self.step(mean)
 
+    def secure_bounds(self) -> SecureBounds:
+        """The honest range of this round's SecAgg sum (clip norm C, weights, noise)."""
+        assert self.secagg is not None and self.secure_round is not None
+        assert self.secure_round.server is not None
+        quantizer = self.secure_round.server.params.quantizer
+        private = self.privacy is not None
+        return SecureBounds(
+            clip_norm=self.privacy.clip_norm if self.privacy else self.secagg.clip_norm,
+            max_weight=quantizer.max_weight,
+            equal_weights=private,
+            error_bound=quantizer.error_bound,
+            honest_limit=quantizer.honest_limit,
+            noise_stddev=self.privacy.client_noise_stddev() if self.privacy else 0.0,
+        )
+
     def mean_update(self, server_round: int, accepted: list[Accepted]) -> NamedArrays:
-        """Σ(n_k/n)Δ_k; under DP the noised equal-weight sum over the sampled count."""
+        """Σ(n_k/n)Δ_k with each client's influence bounded (see `InfluenceBound`);
+        under DP the noised equal-weight sum over the sampled count (the clip check
+        already bounds each client, and DP's sensitivity analysis needs equal weights)."""
         updates = [reply.update for reply in accepted]
         metrics = [reply.metrics for reply in accepted]
         if self.privacy is None:
-            return weighted_mean(updates, [float(m[WEIGHT_KEY]) for m in metrics])
+            return self.influence.aggregate(updates, [float(m[WEIGHT_KEY]) for m in metrics])
         unclipped = sum(int(m.get(UNCLIPPED_KEY, 0)) for m in metrics)
         return self.private_mean(server_round, summed(updates), len(accepted), unclipped)
 
