@@ -198,7 +198,9 @@ def test_the_skip_reason_reaches_metrics_jsonl(tmp_path: Path) -> None:
     strategy = secure_strategy()
     arrays, _ = train_round(strategy, AttackGrid(weight_total(0)))
     assert arrays is None
-    recorder = RoundRecorder(RunFolder(tmp_path), strategy, spec, bundle, 1, {})
+    recorder = RoundRecorder(
+        RunFolder(tmp_path), strategy, spec, bundle, 1, {}, privacy=ServerPrivacy(config)
+    )
     recorder(1, to_array_record(state_to_numpy(build_model(spec))))
     row = json.loads((tmp_path / "metrics.jsonl").read_text(encoding="utf-8"))
     assert row["aggregated"] is False

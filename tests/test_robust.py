@@ -19,6 +19,7 @@ from fedge.records import NamedArrays, to_array_record
 from fedge.server_app.aggregation import weighted_mean
 from fedge.server_app.robust import InfluenceBound, coordinate_median, trimmed_mean
 from fedge.server_app.strategy import FedgeAvg
+from fedge.server_app.validation import DEFAULT_MAX_NUM_EXAMPLES
 from fedge.simulation import NodeGrid
 
 pytestmark = pytest.mark.usefixtures("serverapp_identity")
@@ -132,10 +133,10 @@ def _attack(kind: str, honest: list[NamedArrays]) -> tuple[NamedArrays, float]:
         return {n: v * 1e6 for n, v in own.items()}, 50
     if kind == "entries-1e30":
         return {n: np.full_like(v, 1e30) for n, v in own.items()}, 50
-    if kind == "replacement":  # Δ = target − w with a huge weight: the new model ≈ target
+    if kind == "replacement":  # Δ = target − w at the largest weight the gate lets through
         return {
             n: (np.full_like(v, 3.0) - GLOBAL[n]).astype(np.float32) for n, v in own.items()
-        }, 1e15
+        }, DEFAULT_MAX_NUM_EXAMPLES
     if kind == "sign-flip-10":
         return {n: -10 * v for n, v in own.items()}, 50
     raise ValueError(kind)
@@ -192,21 +193,21 @@ def test_robust_aggregators_stay_near_the_honest_updates(kind: str, aggregator: 
 
 
 def test_the_weight_share_of_a_client_at_the_cap_is_bounded() -> None:
-    """An update just inside the norm bound with a weight of 1e15 counts as the
-    median weight: one fifth of this round, not all of it."""
+    """An update just inside the norm bound with a weight at the public cap counts
+    as the median weight: one fifth of this round, not most of it."""
     own = _honest()[0]
     half = {n: v * 0.5 for n, v in own.items()}
     at_bound = {n: -v * 0.999 for n, v in own.items()}  # norms: 1, 1, 1, 0.5, 0.999
     updates = [own, own, own, half, at_bound]
     strategy = FedgeAvg(influence=InfluenceBound())
     strategy.configure_train(1, to_array_record(GLOBAL), ConfigRecord(), NodeGrid(range(1, 6)))
-    weights = [50, 50, 50, 50, 10**15]
+    weights = [50, 50, 50, 50, DEFAULT_MAX_NUM_EXAMPLES]
     new = aggregate(
         strategy,
         [reply(k + 1, u, w) for k, (u, w) in enumerate(zip(updates, weights, strict=True))],
     )
     assert new is not None
-    want = weighted_mean(updates, [50] * 5)  # median(50, ..., 1e15) = 50
+    want = weighted_mean(updates, [50] * 5)  # median(50, ..., cap) = 50
     for name in GLOBAL:
         np.testing.assert_allclose(new[name] - GLOBAL[name], want[name], atol=1e-6)
     unbounded = weighted_mean(updates, weights)
@@ -222,10 +223,12 @@ def test_robust_aggregators_are_refused_where_updates_are_hidden_or_private() ->
 
 def test_the_server_app_bounds_influence_by_default() -> None:
     from fedge.server_app.app import build_strategy
+    from fedge.server_app.privacy import ServerPrivacy
     from fedge.task import dataset_for, model_spec_for
 
     config = FedgeConfig()
     bundle = dataset_for(config)
-    strategy = build_strategy(config, model_spec_for(config, bundle), bundle)
+    spec = model_spec_for(config, bundle)
+    strategy = build_strategy(config, spec, bundle, ServerPrivacy(config))
     assert strategy.influence == InfluenceBound(norm_factor=1.0, weight_factor=1.0)
     assert _move(strategy, "scale-1e6") <= _honest_bound() * (1 + 1e-5)
