@@ -99,7 +99,11 @@ def test_superlink_error_reply_is_booked_against_the_unreachable_node() -> None:
     unreachable = create_message_error_unavailable_res_message(by_node[22].metadata, "node_unavail")
     assert unreachable.metadata.src_node_id != 22
     assert replying_node(unreachable, destinations(messages)) == 22
-    replies = [reply(11, delta(1)), unreachable, reply(33, delta(3))]
+    # Honest replies answer the pushed messages themselves (the gate drops any other).
+    answered = {
+        node: Message(reply(node, delta(node)).content, reply_to=by_node[node]) for node in (11, 33)
+    }
+    replies = [answered[11], unreachable, answered[33]]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None
     assert list(strategy.report.rejected) == [22]

@@ -17,6 +17,7 @@ from fedge.config import ConfigError, FedgeConfig
 from fedge.privacy.clipping import global_norm
 from fedge.records import NamedArrays, to_array_record
 from fedge.server_app.aggregation import weighted_mean
+from fedge.server_app.privacy import ServerPrivacy
 from fedge.server_app.robust import InfluenceBound, coordinate_median, trimmed_mean
 from fedge.server_app.strategy import FedgeAvg
 from fedge.server_app.validation import DEFAULT_MAX_NUM_EXAMPLES
@@ -232,3 +233,18 @@ def test_the_server_app_bounds_influence_by_default() -> None:
     strategy = build_strategy(config, spec, bundle, ServerPrivacy(config))
     assert strategy.influence == InfluenceBound(norm_factor=1.0, weight_factor=1.0)
     assert _move(strategy, "scale-1e6") <= _honest_bound() * (1 + 1e-5)
+
+
+def test_under_dp_an_update_above_the_clip_norm_is_rejected_and_one_at_it_is_not() -> None:
+    """DP's sensitivity is the clip norm C: the server refuses any update longer than C
+    (whatever the client's reason), and accepts one exactly at C."""
+    config = FedgeConfig.from_run_config({"dp-mode": "central", "dp-clipping-norm": 1.0})
+    strategy = FedgeAvg(privacy=ServerPrivacy(config), min_train_nodes=1)
+    start_round(strategy)
+    honest = _honest()
+    at_clip = {n: v / global_norm(honest[0]) for n, v in honest[0].items()}
+    over = {n: 1.01 * v for n, v in at_clip.items()}
+    new = aggregate(strategy, [reply(NODES[0], at_clip), reply(NODES[2], over)], server_round=1)
+    assert strategy.report.num_replies == 1
+    assert "exceeds the clip norm" in strategy.report.rejected[NODES[2]]
+    assert new is not None
