@@ -92,6 +92,11 @@ class FedgeConfig:
     trim_fraction: float = _opt(
         0.1, "trimmed-mean: share of values cut at each end", low=0, high=0.5, high_open=True
     )
+    accept_tolerance: float = _opt(
+        0.1,
+        "refuse a step that raises the server's acceptance loss by more than this; 0 = off",
+        low=0,
+    )
     # Data and model
     dataset: str = _opt("digits", "digits, breast-cancer, a folder path, or hf:<id>")
     partitioner: str = _opt(
