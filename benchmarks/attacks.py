@@ -86,9 +86,14 @@ FEDGE_MODES: dict[str, dict[str, Any]] = {
     "plain-unbounded": {"norm-bound": 0.0, "weight-bound": 0.0},
     "trimmed-mean": {"aggregator": "trimmed-mean"},
     "median": {"aggregator": "median"},
-    "central-dp": {"dp-mode": "central", "dp-noise-multiplier": 0.01},
+    "central-dp": {"dp-mode": "central", "dp-noise-multiplier": 0.01, "accept-check": "on"},
     "secagg": {"secagg": True},
-    "secagg-central-dp": {"secagg": True, "dp-mode": "central", "dp-noise-multiplier": 0.01},
+    "secagg-central-dp": {
+        "secagg": True,
+        "dp-mode": "central",
+        "dp-noise-multiplier": 0.01,
+        "accept-check": "on",
+    },
     "secagg-equal-weights": {"secagg": True, "max-num-examples": 1, "secagg-clip-norm": 3.0},
     # honest-cost runs only (not in the default modes): DP with fedge's default noise
     "central-dp-sigma-1": {"dp-mode": "central"},

@@ -213,18 +213,31 @@ def test_a_non_finite_candidate_is_refused(setting: tuple) -> None:
     assert problem is not None and not np.isfinite(loss)
 
 
-def test_the_tolerance_is_validated_and_zero_turns_the_check_off(setting: tuple) -> None:
+def test_the_keys_are_validated_and_auto_runs_the_check_without_dp(setting: tuple) -> None:
     bundle, spec, _, _ = setting
-    with pytest.raises(ConfigError, match="accept-tolerance must be in"):
-        FedgeConfig.from_run_config({"accept-tolerance": -0.1})
-    with pytest.raises(ConfigError, match="accept-tolerance must be a number"):
-        FedgeConfig.from_run_config({"accept-tolerance": "high"})
-    with pytest.raises(ValueError, match="0 turns the check off"):
+    for bad, why in (
+        ({"accept-tolerance": 0.0}, "accept-tolerance must be in"),
+        ({"accept-tolerance": -0.1}, "accept-tolerance must be in"),
+        ({"accept-tolerance": "high"}, "accept-tolerance must be a number"),
+        ({"accept-check": "yes"}, "accept-check must be one of"),
+    ):
+        with pytest.raises(ConfigError, match=why):
+            FedgeConfig.from_run_config(bad)
+    with pytest.raises(ValueError, match="accept-check='off'"):
         AcceptanceCheck(spec, HeldOut.of(bundle, 0), 0.0)
-    off = FedgeConfig.from_run_config({"accept-tolerance": 0.0})
-    assert build_strategy(off, spec, bundle, ServerPrivacy(off)).acceptance is None
-    on = build_strategy(CONFIG, spec, bundle, ServerPrivacy(CONFIG)).acceptance
-    assert on is not None and on.tolerance == TOLERANCE
+    expected = {
+        (): True,
+        (("accept-check", "off"),): False,
+        (("dp-mode", "central"),): False,
+        (("dp-mode", "central"), ("accept-check", "on")): True,
+        (("secagg", True),): True,
+        (("secagg", True), ("dp-mode", "distributed")): False,
+    }
+    for extra, on in expected.items():
+        config = FedgeConfig.from_run_config(dict(extra))
+        acceptance = build_strategy(config, spec, bundle, ServerPrivacy(config)).acceptance
+        assert (acceptance is not None) == on, extra
+        assert acceptance is None or acceptance.tolerance == config.accept_tolerance
 
 
 def test_recorder_reports_accuracy_on_the_test_part_only(setting: tuple, tmp_path: Path) -> None:

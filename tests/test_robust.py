@@ -227,7 +227,7 @@ def test_the_server_app_bounds_influence_by_default() -> None:
     from fedge.task import dataset_for, model_spec_for
 
     # the acceptance check scores real models; this test moves a toy model's arrays
-    config = FedgeConfig.from_run_config({"accept-tolerance": 0.0})
+    config = FedgeConfig.from_run_config({"accept-check": "off"})
     bundle = dataset_for(config)
     spec = model_spec_for(config, bundle)
     strategy = build_strategy(config, spec, bundle, ServerPrivacy(config))

@@ -7,8 +7,9 @@ server can still judge is the *result*: before a step is applied, the current an
 candidate global model are scored on an acceptance slice of the held-out split, and a
 step that raises the mean cross-entropy by more than `accept-tolerance` is refused
 (`FedgeAvg.skip`: the model and the momentum stay as they were, the reason is logged
-and written to metrics.jsonl). It runs in every mode: it judges the model, not the
-updates, so one rule covers plain, DP and SecAgg+ rounds alike.
+and written to metrics.jsonl). It judges the model, not the updates, so one rule covers
+plain and SecAgg+ rounds alike; under DP (`FedgeConfig.acceptance_on`) it is off unless
+asked for, since the noise alone can raise the loss more than any useful tolerance.
 
 What it does not stop: poisoning that raises the acceptance loss by less than the
 tolerance per round (slow drift, or a backdoor that leaves the public data's loss
@@ -64,7 +65,10 @@ class AcceptanceCheck:
 
     def __init__(self, spec: ModelSpec, held_out: HeldOut, tolerance: float) -> None:
         if not tolerance > 0:
-            raise ValueError(f"tolerance must be > 0, got {tolerance}; 0 turns the check off")
+            raise ValueError(
+                f"tolerance must be > 0, got {tolerance}; turn the check off with "
+                "accept-check='off' instead"
+            )
         if len(held_out.y_accept) == 0:
             raise ValueError("the acceptance slice is empty: the held-out split is too small")
         self.model = build_model(spec)

@@ -72,7 +72,7 @@ def build_strategy(
             config.norm_bound, config.weight_bound, config.aggregator, config.trim_fraction
         ),
         acceptance=AcceptanceCheck(spec, HeldOut.of(bundle, config.seed), config.accept_tolerance)
-        if config.accept_tolerance > 0
+        if config.acceptance_on
         else None,
     )
 
