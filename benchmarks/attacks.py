@@ -5,7 +5,7 @@ Printed as one JSON object on stdout (logs go to stderr).
 Setup: fedge's defaults on digits (CNN, Dirichlet α = 0.5, 3 local epochs) with
 10 clients, all sampled every round, for `--rounds` rounds (default 5). The
 node with partition-id 0 is the attacker. Every cell starts from the same
-initial model; its final model is scored on the 360 held-out digits and
+initial model; its final model is scored on the 240 held-out test digits and
 compared with the clean run ("none") of the same mode.
 
 Harness: one `fedge.simulation.run_inprocess` (Flower's Simulation Engine, the
@@ -25,7 +25,13 @@ next to no noise so that 5 rounds learn), `secagg` (SecAgg+, clip 10, max
 weight 1000), `secagg-central-dp`, `secagg-equal-weights` (every client
 counts once and clips to 3: max-num-examples=1 secagg-clip-norm=3), and
 Flower's own `flower-fedtrimmedavg` (β = 0.2) and `flower-krum` (one
-malicious node assumed) as the anchor.
+malicious node assumed) as the anchor. fedge's acceptance check runs as
+configured (`accept-check`: auto = on without DP; the two σ = 0.01 DP modes set
+it on); `--accept-tolerance` sets its tolerance. Not in the default modes, for
+honest-cost runs (`--attacks none`): `central-dp-sigma-1`,
+`secagg-central-dp-sigma-1` and `secagg-distributed-dp` (fedge's default σ = 1).
+Every cell is scored on the test part of the held-out split (`HeldOut`), and
+lists the acceptance loss of each round's candidate model.
 
 Attacks: `scale` (Δ × 1e6), `replace` (Δ = target − w, num-examples = 1e15;
 the target predicts class 0 for everything), `sign-flip` (Δ × −10),
