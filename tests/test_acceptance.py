@@ -51,6 +51,7 @@ def setting() -> tuple[object, object, NamedArrays, NamedArrays]:
     """(bundle, spec, the initial model, Δ of one honest epoch on the training pool)."""
     bundle = dataset_for(CONFIG)
     spec = model_spec_for(CONFIG, bundle)
+    torch.manual_seed(CONFIG.seed)
     torch_model = build_model(spec)
     initial = state_to_numpy(torch_model)
     optimizer = torch.optim.SGD(torch_model.parameters(), lr=0.05, momentum=0.9)
