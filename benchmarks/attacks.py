@@ -5,7 +5,7 @@ Printed as one JSON object on stdout (logs go to stderr).
 Setup: fedge's defaults on digits (CNN, Dirichlet α = 0.5, 3 local epochs) with
 10 clients, all sampled every round, for `--rounds` rounds (default 5). The
 node with partition-id 0 is the attacker. Every cell starts from the same
-initial model; its final model is scored on the 360 held-out digits and
+initial model; its final model is scored on the 240 held-out test digits and
 compared with the clean run ("none") of the same mode.
 
 Harness: one `fedge.simulation.run_inprocess` (Flower's Simulation Engine, the
@@ -25,7 +25,13 @@ next to no noise so that 5 rounds learn), `secagg` (SecAgg+, clip 10, max
 weight 1000), `secagg-central-dp`, `secagg-equal-weights` (every client
 counts once and clips to 3: max-num-examples=1 secagg-clip-norm=3), and
 Flower's own `flower-fedtrimmedavg` (β = 0.2) and `flower-krum` (one
-malicious node assumed) as the anchor.
+malicious node assumed) as the anchor. fedge's acceptance check runs as
+configured (`accept-check`: auto = on without DP; the two σ = 0.01 DP modes set
+it on); `--accept-tolerance` sets its tolerance. Not in the default modes, for
+honest-cost runs (`--attacks none`): `central-dp-sigma-1`,
+`secagg-central-dp-sigma-1` and `secagg-distributed-dp` (fedge's default σ = 1).
+Every cell is scored on the test part of the held-out split (`HeldOut`), and
+lists the acceptance loss of each round's candidate model.
 
 Attacks: `scale` (Δ × 1e6), `replace` (Δ = target − w, num-examples = 1e15;
 the target predicts class 0 for everything), `sign-flip` (Δ × −10),
@@ -69,7 +75,9 @@ from fedge.models.training import evaluate
 from fedge.privacy.clipping import global_norm
 from fedge.records import NamedArrays, from_array_record, to_array_record
 from fedge.secagg import Quantizer, Stage
+from fedge.server_app.acceptance import HeldOut
 from fedge.server_app.app import build_strategy
+from fedge.server_app.privacy import ServerPrivacy
 from fedge.server_app.strategy import FedgeAvg
 from fedge.simulation import run_inprocess
 from fedge.task import dataset_for, model_spec_for
@@ -84,13 +92,24 @@ FEDGE_MODES: dict[str, dict[str, Any]] = {
     "plain-unbounded": {"norm-bound": 0.0, "weight-bound": 0.0},
     "trimmed-mean": {"aggregator": "trimmed-mean"},
     "median": {"aggregator": "median"},
-    "central-dp": {"dp-mode": "central", "dp-noise-multiplier": 0.01},
+    "central-dp": {"dp-mode": "central", "dp-noise-multiplier": 0.01, "accept-check": "on"},
     "secagg": {"secagg": True},
-    "secagg-central-dp": {"secagg": True, "dp-mode": "central", "dp-noise-multiplier": 0.01},
+    "secagg-central-dp": {
+        "secagg": True,
+        "dp-mode": "central",
+        "dp-noise-multiplier": 0.01,
+        "accept-check": "on",
+    },
     "secagg-equal-weights": {"secagg": True, "max-num-examples": 1, "secagg-clip-norm": 3.0},
+    # honest-cost runs only (not in the default modes): DP with fedge's default noise
+    "central-dp-sigma-1": {"dp-mode": "central"},
+    "secagg-central-dp-sigma-1": {"secagg": True, "dp-mode": "central"},
+    "secagg-distributed-dp": {"secagg": True, "dp-mode": "distributed"},
 }
+HONEST_ONLY = ("central-dp-sigma-1", "secagg-central-dp-sigma-1", "secagg-distributed-dp")
 FLOWER_MODES = ("flower-fedtrimmedavg", "flower-krum")
 MODES = (*FEDGE_MODES, *FLOWER_MODES)
+DEFAULT_MODES = tuple(m for m in MODES if m not in HONEST_ONLY)
 BASE_CONFIG: dict[str, Any] = {
     "min-available-nodes": NUM_CLIENTS,
     "min-train-nodes": 2,
@@ -241,19 +260,14 @@ def attacker_masked_input(msg: Message, context: Context) -> Message:
         return secure_client.masked_input(msg, context, local_update)
 
 
-@attacker_app.train(Stage.SETUP.value)
-def attacker_setup(msg: Message, context: Context) -> Message:
+def attacker_honest_stage(msg: Message, context: Context) -> Message:
+    """Every other SecAgg+ stage runs fedge's own handler."""
     return fedge_client_app(msg, context)
 
 
-@attacker_app.train(Stage.SHARE_KEYS.value)
-def attacker_share_keys(msg: Message, context: Context) -> Message:
-    return fedge_client_app(msg, context)
-
-
-@attacker_app.train(Stage.UNMASK.value)
-def attacker_unmask(msg: Message, context: Context) -> Message:
-    return fedge_client_app(msg, context)
+for _stage in Stage:
+    if _stage is not Stage.MASKED_INPUT:
+        attacker_app.train(_stage.value)(attacker_honest_stage)
 
 
 # --- the benchmark ServerApp ----------------------------------------------------------
@@ -270,7 +284,7 @@ def _strategy(mode: str, config: FedgeConfig, spec: Any, bundle: Any) -> Strateg
         return FedTrimmedAvg(beta=0.2, **common)
     if mode == "flower-krum":
         return Krum(num_malicious_nodes=1, **common)
-    return build_strategy(config, spec, bundle)
+    return build_strategy(config, spec, bundle, ServerPrivacy(config))
 
 
 def run_cell(
@@ -284,8 +298,14 @@ def run_cell(
     strategy = _strategy(mode, config, spec, bundle)
     skipped: dict[int, str] = {}
 
+    accept_losses: list[float | None] = []
+
     def after_round(server_round: int, _arrays: Any) -> None:
-        if server_round > 0 and isinstance(strategy, FedgeAvg) and not strategy.report.aggregated:
+        if server_round == 0 or not isinstance(strategy, FedgeAvg):
+            return
+        loss = strategy.report.accept_loss
+        accept_losses.append(None if loss is None else round(loss, 4))
+        if not strategy.report.aggregated:
             skipped[server_round] = strategy.report.skip_reason or "(no reason recorded)"
 
     started = time.perf_counter()
@@ -300,7 +320,8 @@ def run_cell(
     model = build_model(spec)
     final = from_array_record(result.arrays) or initial  # empty: no round was aggregated
     load_numpy_state(model, final)
-    loss, accuracy = evaluate(model, bundle.x_test, bundle.y_test)
+    held_out = HeldOut.of(bundle, config.seed)
+    loss, accuracy = evaluate(model, held_out.x_test, held_out.y_test)
     row = {
         "mode": mode,
         "attack": attack,
@@ -308,6 +329,7 @@ def run_cell(
         "final_loss": round(float(loss), 4) if np.isfinite(loss) else None,
         "rounds_unchanged": sorted(skipped),
         "skip_reasons": sorted(set(skipped.values())),
+        "candidate_accept_losses": accept_losses,
         "seconds": round(time.perf_counter() - started, 1),
     }
     logging.info("cell %s / %s: %s", mode, attack, row)
@@ -359,15 +381,26 @@ def summarize(rows: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=MODES)
     parser.add_argument(
         "--attacks", nargs="+", default=list(SECAGG_ATTACKS), choices=SECAGG_ATTACKS
     )
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--accept-tolerance",
+        type=float,
+        default=FedgeConfig().accept_tolerance,
+        help="fedge's acceptance check (0 = off)",
+    )
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    base = {**BASE_CONFIG, "seed": args.seed, "num-server-rounds": args.rounds}
+    base = {
+        **BASE_CONFIG,
+        "seed": args.seed,
+        "num-server-rounds": args.rounds,
+        "accept-tolerance": args.accept_tolerance,
+    }
     attacks = sorted(set(args.attacks) | {"none"}, key=SECAGG_ATTACKS.index)
     _PLAN.update(base=base, modes=args.modes, attacks=attacks, rounds=args.rounds)
     started = time.perf_counter()

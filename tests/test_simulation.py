@@ -27,6 +27,7 @@ from fedge.config import ConfigError, FedgeConfig
 from fedge.data import load_dataset
 from fedge.models import load_model, state_to_numpy
 from fedge.models.training import evaluate
+from fedge.server_app.acceptance import HeldOut
 from fedge.server_app.app import main as server_main
 from fedge.server_app.run_folder import RunFolder
 from fedge.simulation import NodeGrid, run_inprocess
@@ -137,7 +138,7 @@ def test_simulation_learns_and_writes_every_output(straight_run: Path) -> None:
     config = FedgeConfig.from_run_config(RAY_CONFIG)
     bundle = load_dataset("digits", config.test_fraction, config.seed)
     assert spec.input_shape == bundle.input_shape and spec.num_classes == 10
-    loss, accuracy = evaluate(model, bundle.x_test, bundle.y_test)
+    loss, accuracy = evaluate(model, *_held_out())
     assert accuracy == pytest.approx(rows[-1]["test_accuracy"], abs=1e-9)
     assert loss == pytest.approx(rows[-1]["test_loss"], rel=1e-5)
 
@@ -173,9 +174,10 @@ def test_same_seed_reproduces_and_a_finished_run_can_be_extended(
 
 
 def _held_out() -> tuple[np.ndarray, np.ndarray]:
+    """The test part the recorder reports on (the acceptance slice is set aside)."""
     config = FedgeConfig.from_run_config(RAY_CONFIG)
-    bundle = load_dataset("digits", config.test_fraction, config.seed)
-    return bundle.x_test, bundle.y_test
+    held_out = HeldOut.of(load_dataset("digits", config.test_fraction, config.seed), config.seed)
+    return held_out.x_test, held_out.y_test
 
 
 @pytest.mark.slow

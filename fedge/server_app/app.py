@@ -18,6 +18,7 @@ from fedge.data import DatasetBundle
 from fedge.edge.broadcast import backbone_payload
 from fedge.models import ModelSpec, build_model, save_model, state_to_numpy
 from fedge.records import NamedArrays, to_array_record
+from fedge.server_app.acceptance import AcceptanceCheck, HeldOut
 from fedge.server_app.plotting import plot_metrics
 from fedge.server_app.polling import responsive
 from fedge.server_app.privacy import BudgetExhausted, ServerPrivacy
@@ -70,6 +71,9 @@ def build_strategy(
         influence=InfluenceBound(
             config.norm_bound, config.weight_bound, config.aggregator, config.trim_fraction
         ),
+        acceptance=AcceptanceCheck(spec, HeldOut.of(bundle, config.seed), config.accept_tolerance)
+        if config.acceptance_on
+        else None,
     )
 
 

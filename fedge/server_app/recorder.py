@@ -1,6 +1,7 @@
 """Per-round bookkeeping, run as Flower's `evaluate_fn` after every round.
 
-Centralized evaluation on the held-out split, then one metrics.jsonl row, the
+Centralized evaluation on the held-out split's test part (`HeldOut`: the
+acceptance check's slice is set aside), then one metrics.jsonl row, the
 privacy report (DP runs) and a checkpoint — in that order, so a crash in between
 leaves at most a row the checkpoint does not hold, which resume drops before
 re-running that round, and a privacy.json that may be a round ahead of the
@@ -20,10 +21,12 @@ from typing import Any
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import log
 
+from fedge.config import FedgeConfig
 from fedge.data import DatasetBundle
 from fedge.models import ModelSpec, build_model, load_numpy_state
 from fedge.models.training import evaluate
 from fedge.records import NamedArrays, from_array_record
+from fedge.server_app.acceptance import HeldOut
 from fedge.server_app.privacy import ServerPrivacy
 from fedge.server_app.run_folder import PRIVACY_REPORT, Checkpoint, RunFolder, rng_state
 from fedge.server_app.strategy import FedgeAvg
@@ -45,6 +48,7 @@ class RoundRecorder:
         self.strategy = strategy
         self.privacy = privacy
         self.bundle = bundle
+        self.held_out = HeldOut.of(bundle, FedgeConfig.from_run_config(run_config).seed)
         self.total_rounds = total_rounds
         self.run_config = run_config
         self.model = build_model(spec)
@@ -53,7 +57,7 @@ class RoundRecorder:
 
     def test_metrics(self, arrays: NamedArrays) -> tuple[float, float]:
         load_numpy_state(self.model, arrays)
-        return evaluate(self.model, self.bundle.x_test, self.bundle.y_test)
+        return evaluate(self.model, self.held_out.x_test, self.held_out.y_test)
 
     def __call__(self, server_round: int, record: ArrayRecord) -> MetricRecord:
         arrays = from_array_record(record)
@@ -78,6 +82,8 @@ class RoundRecorder:
         }
         if report.skip_reason is not None:
             row["skip_reason"] = report.skip_reason
+        if report.accept_loss is not None:
+            row["accept_loss"] = report.accept_loss
         privacy = self.privacy
         if privacy.mode == "none":
             privacy.account_without_dp(absolute)

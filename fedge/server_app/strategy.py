@@ -31,6 +31,7 @@ from fedge.edge.broadcast import BACKBONE_KEY
 from fedge.edge.head import HEAD_BIAS, HEAD_WEIGHT
 from fedge.records import NamedArrays, from_array_record, to_array_record, unflatten
 from fedge.secagg import SecAggAbort
+from fedge.server_app.acceptance import AcceptanceCheck
 from fedge.server_app.aggregation import apply_update, summed
 from fedge.server_app.polling import destinations, replying_node
 from fedge.server_app.privacy import ServerPrivacy
@@ -54,6 +55,7 @@ class RoundReport:
     epsilon: float | None = None
     client_epsilons: list[float] = field(default_factory=list)
     val_metrics: dict[str, float] = field(default_factory=dict)
+    accept_loss: float | None = None  # the candidate model's acceptance loss, if checked
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class FedgeAvg(FedAvg):
         secagg: SecAggSettings | None = None,
         max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES,
         influence: InfluenceBound | None = None,
+        acceptance: AcceptanceCheck | None = None,
         **fedavg_kwargs: object,
     ) -> None:
         super().__init__(weighted_by_key=WEIGHT_KEY, **fedavg_kwargs)  # type: ignore[arg-type]
@@ -100,6 +103,7 @@ class FedgeAvg(FedAvg):
         )
         # None: the plain weighted mean; the ServerApp passes the run config's bounds
         self.influence = influence or InfluenceBound(norm_factor=0.0, weight_factor=0.0)
+        self.acceptance = acceptance  # None: every step that passes the reply checks applies
         self.secure_round: SecureRound | None = None
         self.keyed_round: KeyedRound | None = None  # shared keys for the next round
         self.train_messages: list[Message] = []
@@ -258,11 +262,21 @@ class FedgeAvg(FedAvg):
         )
         return False
 
-    def step(self, mean_update: NamedArrays) -> ArrayRecord:
-        """The new global model from this round's mean update."""
-        new_arrays, self.velocity = apply_update(
+    def step(self, server_round: int, mean_update: NamedArrays) -> ArrayRecord | None:
+        """The new global model from this round's mean update, or None if the acceptance
+        check refuses it: then the model and the momentum stay as they were (a DP round
+        is already in the ledger: its noise was drawn and its sum seen)."""
+        new_arrays, velocity = apply_update(
             self.current_arrays, mean_update, self.server_lr, self.server_momentum, self.velocity
         )
+        if self.acceptance is not None:
+            problem, self.report.accept_loss = self.acceptance.problem(
+                self.current_arrays, new_arrays
+            )
+            if problem is not None:
+                self.skip(server_round, f"step refused: {problem}")
+                return None
+        self.velocity = velocity
         self.report.aggregated = True
         return to_array_record(new_arrays)
 
@@ -274,10 +288,14 @@ class FedgeAvg(FedAvg):
         accepted = self.accepted_replies(replies)
         if not self.enough(server_round, len(accepted)):
             return None, None
-        arrays = self.step(self.mean_update(self.absolute_round(server_round), accepted))
+        arrays = self.step(
+            server_round, self.mean_update(self.absolute_round(server_round), accepted)
+        )
         metrics = aggregate_metricrecords([reply.content for reply in accepted], WEIGHT_KEY)
         loss = metrics.get("train-loss")
         self.report.train_loss = float(loss) if isinstance(loss, (int, float)) else None
+        if arrays is None:  # refused: the round's train-loss stays in the report only
+            return None, None
         log(INFO, "Aggregated %s updates (%s rejected)", len(accepted), self.report.num_rejected)
         return arrays, metrics
 
@@ -309,7 +327,7 @@ class FedgeAvg(FedAvg):
             )
         else:  # Σn_k lies in [m, m·W], checked above
             mean = {name: value / result.total_weight for name, value in total.items()}
-        return self.step(mean)
+        return self.step(server_round, mean)
 
     def secure_bounds(self) -> SecureBounds:
         """The honest range of this round's SecAgg sum (clip norm C, weights, noise)."""
