@@ -66,6 +66,7 @@ from fedge.config import FedgeConfig
 from fedge.models import build_model, load_numpy_state, state_to_numpy
 from fedge.models.training import evaluate
 from fedge.records import NamedArrays, from_array_record, to_array_record
+from fedge.server_app.acceptance import HeldOut
 from fedge.server_app.app import main as fedge_server_main
 from fedge.server_app.run_folder import Checkpoint, RunFolder
 from fedge.server_app.strategy import FedgeAvg
@@ -92,6 +93,7 @@ def run_stock_segment(grid: Grid, config: FedgeConfig, with_eval: bool) -> dict[
     """Flower's stock FedAvg for `config.num_server_rounds` rounds; per-round seconds."""
     seed_everything(config.seed)
     bundle = dataset_for(config)
+    held_out = HeldOut.of(bundle, config.seed)
     spec = model_spec_for(config, bundle)
     initial = state_to_numpy(build_model(spec))
     model = build_model(spec)
@@ -111,7 +113,7 @@ def run_stock_segment(grid: Grid, config: FedgeConfig, with_eval: bool) -> dict[
         if with_eval:
             start = time.perf_counter()
             load_numpy_state(model, from_array_record(record))
-            loss, acc = evaluate(model, bundle.x_test, bundle.y_test)
+            loss, acc = evaluate(model, held_out.x_test, held_out.y_test)  # fedge's test rows
             eval_seconds.append(time.perf_counter() - start)
             accuracy.append(acc)
             result = MetricRecord({"test-loss": loss, "test-accuracy": acc})

@@ -20,7 +20,8 @@ A sum that fails is not applied. What stays possible is any contribution that
 keeps the sum in bounds: a client at the maximum weight steers the mean by its
 weight share × C in any direction, and more when honest updates partly cancel
 (a ×10 sign flip of a clipped update passed the check on digits), or it makes
-every round fail. Bounding each input needs zero-knowledge range proofs (out
+every round fail. `fedge.server_app.acceptance` then judges the resulting model
+on server-held data; bounding each input needs zero-knowledge range proofs (out
 of scope).
 """
 
