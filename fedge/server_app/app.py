@@ -192,12 +192,13 @@ def run(grid: Grid, config: FedgeConfig, folder: RunFolder) -> None:
     """The run in its (locked) folder: resume or start, Flower's rounds, then the outputs."""
     bundle = dataset_for(config)
     spec = model_spec_for(config, bundle)
+    # The first model built after seeding is the run's initial model (the strategy's
+    # acceptance check builds one too, so it must come second).
+    arrays = state_to_numpy(build_model(spec))
     privacy = ServerPrivacy(config)
     strategy = build_strategy(config, spec, bundle, privacy)
     if config.resume:
         arrays = resume(folder, strategy, privacy, config, bundle)
-    else:
-        arrays = state_to_numpy(build_model(spec))
     recorder = RoundRecorder(
         folder,
         strategy,
