@@ -29,6 +29,7 @@ from typing import Any
 
 from flwr.app import Context
 
+from fedge.atomic import write_atomically
 from fedge.config import FedgeConfig
 from fedge.task import dataset_for
 
@@ -42,14 +43,6 @@ class NodeLedgerError(RuntimeError):
 
 def state_dir() -> Path:
     return Path(os.environ.get(STATE_DIR_ENV, "~/.fedge/node-state")).expanduser()
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Temp file + rename, so a crash mid-write never leaves half a ledger."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -110,8 +103,8 @@ class NodeLedger:
         """Register the ledger (first time), then write it; both writes are atomic."""
         if not self.entry.is_file():
             entry = {"identity": self.identity, "created": time.time()}
-            _write_atomically(self.entry, json.dumps(entry).encode())
-        _write_atomically(self.path, state)
+            write_atomically(self.entry, lambda tmp: tmp.write_text(json.dumps(entry)))
+        write_atomically(self.path, lambda tmp: tmp.write_bytes(state))
 
 
 def registered_ledgers(folder: Path) -> list[tuple[str, dict[str, Any], bool]]:

@@ -24,6 +24,7 @@ from typing import IO, Any
 import numpy as np
 from flwr.common.logger import log
 
+from fedge.atomic import write_atomically
 from fedge.config import ConfigError, FedgeConfig, resolve_path
 from fedge.records import NamedArrays
 
@@ -41,12 +42,6 @@ class Checkpoint:
     arrays: NamedArrays
     strategy_arrays: dict[str, NamedArrays]
     state: dict[str, Any]
-
-
-def _write_atomically(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -154,7 +149,7 @@ class RunFolder:
             with open(tmp, "wb") as handle:
                 np.savez(handle, **payload)
 
-        _write_atomically(self.checkpoint_path, write)
+        write_atomically(self.checkpoint_path, write)
 
     def load_checkpoint(self) -> Checkpoint:
         try:
@@ -211,9 +206,9 @@ class RunFolder:
         def write(tmp: Path) -> None:
             tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
-        _write_atomically(self.metrics_path, write)
+        write_atomically(self.metrics_path, write)
 
     def write_json(self, name: str, payload: dict[str, Any]) -> Path:
         path = self.path / name
-        _write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))
+        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))
         return path
