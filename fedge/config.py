@@ -59,6 +59,9 @@ class FedgeConfig:
     round_timeout: float = _opt(
         600.0, "seconds to wait for replies per stage", low=0, low_open=True
     )
+    max_failed_rounds: int = _opt(
+        3, "stop after this many rounds in a row where every reply failed alike; 0 = never", low=0
+    )
     # Client training
     local_epochs: int = _opt(3, "local epochs per round", low=1)
     batch_size: int = _opt(32, "local mini-batch size", low=1)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from fedge.config import FedgeConfig, resolve_path
-from fedge.data import BUILTIN_DATASETS, DatasetBundle, load_dataset
+from fedge.config import ConfigError, FedgeConfig, resolve_path
+from fedge.data import BUILTIN_DATASETS, DatasetBundle, load_dataset, partition_indices
+from fedge.data.partition import PartitionPlanError
 from fedge.models.spec import ModelSpec, spec_for_data
 
 
@@ -17,3 +18,22 @@ def dataset_for(config: FedgeConfig) -> DatasetBundle:
 
 def model_spec_for(config: FedgeConfig, bundle: DatasetBundle) -> ModelSpec:
     return spec_for_data(config.model, bundle.input_shape, bundle.num_classes)
+
+
+def check_data_plan(config: FedgeConfig, bundle: DatasetBundle, num_partitions: int) -> None:
+    """Refuse, before any round, a plan that leaves some client without data.
+
+    The clients run the same deterministic partitioning, so a plan that fails here
+    would fail on every one of them in every round.
+    """
+    try:
+        partition_indices(
+            bundle.y_train,
+            config.partitioner,
+            num_partitions,
+            config.seed,
+            config.dirichlet_alpha,
+            config.classes_per_client,
+        )
+    except PartitionPlanError as error:
+        raise ConfigError(str(error)) from None

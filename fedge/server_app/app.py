@@ -25,6 +25,7 @@ from fedge.server_app.privacy import BudgetExhausted, ServerPrivacy
 from fedge.server_app.recorder import RoundRecorder
 from fedge.server_app.robust import InfluenceBound
 from fedge.server_app.run_folder import (
+    FAILURE_REPORT,
     PRIVACY_REPORT,
     Checkpoint,
     RunFolder,
@@ -32,7 +33,7 @@ from fedge.server_app.run_folder import (
 )
 from fedge.server_app.secure_round import SecAggSettings
 from fedge.server_app.strategy import FedgeAvg
-from fedge.task import dataset_for, model_spec_for
+from fedge.task import check_data_plan, dataset_for, model_spec_for
 
 app = ServerApp()
 
@@ -74,6 +75,7 @@ def build_strategy(
         acceptance=AcceptanceCheck(spec, HeldOut.of(bundle, config.seed), config.accept_tolerance)
         if config.acceptance_on
         else None,
+        max_failed_rounds=config.max_failed_rounds,
     )
 
 
@@ -197,6 +199,10 @@ def run(grid: Grid, config: FedgeConfig, folder: RunFolder) -> None:
     arrays = state_to_numpy(build_model(spec))
     privacy = ServerPrivacy(config)
     strategy = build_strategy(config, spec, bundle, privacy)
+    strategy.wait_for_nodes(grid)
+    # Simulated and `fedge deploy local` nodes split the pool among all of them
+    check_data_plan(config, bundle, len(list(grid.get_node_ids())))
+    (folder.path / FAILURE_REPORT).unlink(missing_ok=True)  # a resumed run's old failure
     if config.resume:
         arrays = resume(folder, strategy, privacy, config, bundle)
     recorder = RoundRecorder(
@@ -222,6 +228,7 @@ def run(grid: Grid, config: FedgeConfig, folder: RunFolder) -> None:
             log(WARNING, "fedge: stopping early: %s", stop)
         except Exception as error:
             write_privacy_report(folder, privacy, f"the ServerApp failed: {error!r}")
+            folder.write_json(FAILURE_REPORT, {"error": type(error).__name__, "reason": str(error)})
             raise
         arrays = recorder.last_arrays
     else:

@@ -151,6 +151,11 @@ def checked_update(
     return arrays, None
 
 
+def client_error(reply: Message) -> str:
+    """An error reply's reason as logged and recorded (shortened: it is untrusted)."""
+    return f"client error: {untrusted_repr(reply.error.reason, 400)}"
+
+
 def check_reply(
     reply: Message,
     reference: NamedArrays,
@@ -165,7 +170,7 @@ def check_reply(
     privacy budget spent) carries no arrays and comes back with update None.
     """
     if reply.has_error():
-        return None, f"client error: {untrusted_repr(reply.error.reason, 200)}"
+        return None, client_error(reply)
     metric_record, partial, reason = _layout(reply)
     if metric_record is None:
         return None, reason
