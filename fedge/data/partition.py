@@ -14,7 +14,7 @@ from flwr_datasets.partitioner import (
 )
 
 PARTITIONERS = ("iid", "dirichlet", "pathological")
-MIN_PARTITION_ROWS = 2  # one to train on and, with val-fraction > 0, one to validate
+MIN_PARTITION_ROWS = 1  # a client needs one row to train on (validation takes none then)
 
 
 PLAN_SEARCH_STEPS = 5  # each step partitions the pool once
@@ -115,8 +115,8 @@ def _plan_message(label_bytes: bytes, num_partitions: int, plan: tuple, problem:
         "pathological": ["partitioner='iid'", f"more than {classes} classes-per-client"],
     }.get(kind, [])
     return (
-        f"partitioner={kind!r} cannot give each of {num_partitions} clients "
-        f"{MIN_PARTITION_ROWS}+ of the {rows} training rows. Fix: {', '.join(fixes)}, "
+        f"partitioner={kind!r} cannot give each of {num_partitions} clients at least "
+        f"{MIN_PARTITION_ROWS} of the {rows} training rows. Fix: {', '.join(fixes)}, "
         f"or a larger dataset ({problem})"
     )
 
