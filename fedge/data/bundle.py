@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from fedge.data.tabular import TableColumns
+from fedge.data.tabular import DEFAULT_COLUMNS, TableColumns
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class DatasetBundle:
     """Shape, scaling and (images) polarity of a model input; recorded in export.json."""
     test_fraction: float = 0.2
     seed: int = 0
-    columns: TableColumns = TableColumns()
+    columns: TableColumns = DEFAULT_COLUMNS
 
     def provenance(self) -> dict[str, Any]:
         """What a saved model records about its data: enough for `fedge export` to reload

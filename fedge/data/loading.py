@@ -19,7 +19,7 @@ from fedge.data.sources import (
     load_folder_pool,
     load_hf_pool,
 )
-from fedge.data.tabular import TableColumns
+from fedge.data.tabular import DEFAULT_COLUMNS, TableColumns
 
 BUILTIN_DATASETS = {"digits": load_digits_pool, "breast-cancer": load_breast_cancer_pool}
 
@@ -134,7 +134,7 @@ def load_dataset(
     name: str,
     test_fraction: float = 0.2,
     seed: int = 0,
-    columns: TableColumns = TableColumns(),
+    columns: TableColumns = DEFAULT_COLUMNS,
 ) -> DatasetBundle:
     """Load a dataset by name and set aside its held-out test split.
 

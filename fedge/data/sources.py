@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedge.data.tabular import TableColumns, read_csv, read_npz
+from fedge.data.tabular import DEFAULT_COLUMNS, TableColumns, read_csv, read_npz
 
 Pools = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
 """x, y and, when the source ships one, a predefined test split (x_test, y_test)."""
@@ -106,7 +106,7 @@ def _split_named(folder: Path, suffix: str, loader) -> Pools | None:  # type: ig
 READERS = {".npz": read_npz, ".csv": read_csv}
 
 
-def load_folder_pool(folder: Path, columns: TableColumns = TableColumns()) -> Pools:
+def load_folder_pool(folder: Path, columns: TableColumns = DEFAULT_COLUMNS) -> Pools:
     """A local folder with IDX files, a CSV (target in `columns.label`) or an `.npz`;
     or the path of one such CSV / .npz file."""
     if folder.is_file() and folder.suffix.lower() in READERS:

@@ -45,7 +45,7 @@ class TableColumns:
 
     @property
     def is_default(self) -> bool:
-        return self == TableColumns()
+        return self == DEFAULT_COLUMNS
 
     def to_provenance(self) -> dict[str, str]:
         """What a saved model records, in run-config spelling, so export rereads the same data."""
@@ -62,6 +62,10 @@ class TableColumns:
             str(provenance.get("id-column", "")),
             str(provenance.get("feature-columns", "")),
         )
+
+
+DEFAULT_COLUMNS = TableColumns()
+"""Target "label", no id column, every other column a feature."""
 
 
 def _shown(names: list[str], limit: int = 20) -> str:
@@ -84,7 +88,9 @@ def _read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
             header = [name.strip() for name in next(csv.reader([first]))]
             rows = [row for row in csv.reader(handle) if row]
     except UnicodeDecodeError as error:
-        raise ValueError(f"{path} is not UTF-8 text ({error.reason}); save it as UTF-8 CSV") from None
+        raise ValueError(
+            f"{path} is not UTF-8 text ({error.reason}); save it as UTF-8 CSV"
+        ) from None
     except csv.Error as error:
         raise ValueError(f"{path} is not a readable CSV ({error})") from None
     if not rows:
@@ -115,8 +121,9 @@ def _numbers(path: Path, name: str, cells: list[str]) -> np.ndarray:
             ok = False
         if not ok:
             raise ValueError(
-                f"{path}: feature column {name!r} holds {cell!r} in data row {number}, not a number; "
-                f"fedge reads numeric features only (drop it with feature-columns or id-column)"
+                f"{path}: feature column {name!r} holds {cell!r} in data row {number}, not a "
+                "number; fedge reads numeric features only (drop it with feature-columns or "
+                "id-column)"
             )
     raise AssertionError("unreachable: some cell failed to parse")
 
@@ -147,7 +154,7 @@ def _warn_if_id_like(path: Path, name: str, values: np.ndarray) -> None:
     integers = (values == np.round(values)).all()
     unique_per_row = integers and len(values) > 1 and len(np.unique(values)) == len(values)
     if name.lower() in ID_NAMES or unique_per_row:
-        reason = "is named like one" if name.lower() in ID_NAMES else "holds a distinct integer per row"
+        reason = "is named so" if name.lower() in ID_NAMES else "holds a distinct integer per row"
         log.warning(
             "%s: column %r looks like a row id (it %s) and is used as a feature; "
             "set id-column='%s' to leave it out",
@@ -163,7 +170,9 @@ def read_csv(path: Path, columns: TableColumns) -> tuple[np.ndarray, np.ndarray]
     header, rows = _read_rows(path)
     table = np.array(rows, dtype=str)
     # Spreadsheet exports often end every line with a comma: an unnamed, empty column.
-    blank = [i for i, name in enumerate(header) if not name and not np.char.strip(table[:, i]).any()]
+    blank = [
+        i for i, name in enumerate(header) if not name and not np.char.strip(table[:, i]).any()
+    ]
     named = {name: i for i, name in enumerate(header) if i not in blank}
     wanted = [("label", columns.label, "label-column")]
     if columns.id:
@@ -177,7 +186,8 @@ def read_csv(path: Path, columns: TableColumns) -> tuple[np.ndarray, np.ndarray]
             )
     if columns.features and {columns.label, columns.id} & set(columns.features):
         raise ValueError(
-            f"feature-columns {list(columns.features)} include the label or id column; remove it"
+            f"{path}: feature-columns {list(columns.features)} include the label or id column; "
+            "remove it from feature-columns"
         )
     features = list(columns.features) or [
         name for name in named if name not in (columns.label, columns.id)
@@ -186,7 +196,7 @@ def read_csv(path: Path, columns: TableColumns) -> tuple[np.ndarray, np.ndarray]
         raise ValueError(f"{path} has no feature columns besides {columns.label!r}")
     x = np.empty((len(rows), len(features)), dtype=np.float32)
     for j, name in enumerate(features):
-        values = _numbers(path, name, list(table[:, named[name]]))
+        values = _numbers(path, name, table[:, named[name]].tolist())
         if not columns.features:
             _warn_if_id_like(path, name, values)
         x[:, j] = values
