@@ -132,7 +132,9 @@ def test_a_client_missing_classes_still_agrees_on_every_index(tmp_path: Path) ->
     bundle = load_dataset(str(tmp_path), 0.2, SEED)
     assert bundle.class_names == ("ant", "bee", "cat", "dog")
     mean, std = bundle.input_convention["mean"][0], bundle.input_convention["std"][0]
-    partitions = [client_split(bundle, pid, 4, "pathological", SEED, 0.0, 0.5, 2) for pid in range(4)]
+    partitions = [
+        client_split(bundle, pid, 4, "pathological", SEED, 0.0, 0.5, 2) for pid in range(4)
+    ]
     seen = []
     for x_client, y_client, _, _ in partitions:
         raw_kind = np.round(x_client[:, 0] * std + mean).astype(int)
@@ -167,7 +169,7 @@ def test_bad_csv_fails_in_one_line_naming_the_file(
 ) -> None:
     path = tmp_path / "data.csv"
     path.write_text(content, encoding="utf-8")
-    with pytest.raises(ValueError, match="^[^\n]*$") as info:
+    with pytest.raises(ValueError, match=r"^[^\n]*$") as info:
         load_dataset(str(path), 0.2, SEED)
     assert message in str(info.value)
     assert str(path) in str(info.value)
@@ -228,7 +230,7 @@ def test_pickled_arrays_in_an_npz_are_refused_unopened(tmp_path: Path) -> None:
     labels = np.empty(4, dtype=object)
     labels[:] = [_Payload(marker)] * 4
     np.savez(tmp_path / "data.npz", x=np.zeros((4, 2)), y=labels)
-    with pytest.raises(ValueError, match="not a readable .npz of plain arrays") as info:
+    with pytest.raises(ValueError, match=r"not a readable \.npz of plain arrays") as info:
         load_dataset(str(tmp_path), 0.2, SEED)
     assert "data.npz" in str(info.value)
     assert not marker.exists()
@@ -239,7 +241,7 @@ def test_a_pickle_renamed_to_npz_is_refused_unopened(tmp_path: Path) -> None:
 
     marker = tmp_path / "code-ran"
     (tmp_path / "data.npz").write_bytes(pickle.dumps(_Payload(marker)))
-    with pytest.raises(ValueError, match="not a readable .npz"):
+    with pytest.raises(ValueError, match=r"not a readable \.npz"):
         load_dataset(str(tmp_path), 0.2, SEED)
     assert not marker.exists()
 
