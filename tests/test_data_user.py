@@ -286,8 +286,7 @@ def test_a_user_csv_federates_on_flowers_simulation_engine(tmp_path: Path) -> No
         {
             "dataset": str(csv),
             "label-column": "diagnosis",
-            "num-server-rounds": 2,
-            "local-epochs": 1,
+            "num-server-rounds": 3,
             "output-dir": str(tmp_path / "out"),
             "run-name": "sim",
         },
@@ -295,7 +294,7 @@ def test_a_user_csv_federates_on_flowers_simulation_engine(tmp_path: Path) -> No
         num_cpus_per_client=0.5,
     )
     lines = (tmp_path / "out" / "sim" / "metrics.jsonl").read_text().splitlines()
-    assert json.loads(lines[-1])["test_accuracy"] > 0.85
+    assert json.loads(lines[-1])["test_accuracy"] > 0.9
     assert model_provenance(tmp_path / "out" / "sim" / "final_model.pt")["class_names"] == [
         "B",
         "M",

@@ -300,3 +300,15 @@ def test_predict_refuses_a_damaged_export_report(
     model = str(folder / artifacts.MODEL_INT8)
     assert fedge("edge", "predict", model, "--input", str(tmp_path / "x.npy")) == 1
     assert message in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("text", ["{", "[" * 100_000], ids=["truncated", "nested"])
+def test_predict_refuses_an_export_report_that_is_not_json(
+    digits_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
+) -> None:
+    shutil.copy(digits_export / artifacts.MODEL_INT8, tmp_path)
+    (tmp_path / artifacts.REPORT).write_text(text)
+    np.save(tmp_path / "x.npy", load_dataset("digits", 0.2, SEED).x_test[:2])
+    model = str(tmp_path / artifacts.MODEL_INT8)
+    assert fedge("edge", "predict", model, "--input", str(tmp_path / "x.npy")) == 1
+    assert "is not a valid fedge export report" in one_line_error(capsys)

@@ -54,7 +54,7 @@ class ExportInfo:
         try:
             report = json.loads(path.read_text(encoding="utf-8"))
             return cls.from_report(report)
-        except (ValueError, TypeError, KeyError) as error:
+        except (ValueError, TypeError, KeyError, RecursionError) as error:
             raise ValueError(
                 f"{path} is not a valid fedge export report ({error}); re-export the model "
                 "with `fedge export`, or remove the file to predict without it"
@@ -218,8 +218,9 @@ def _adapt_image(pixels: np.ndarray, path: Path, info: ExportInfo | None) -> np.
     """Invert an image whose polarity is the opposite of the model's, and say so."""
     if info is None or info.polarity is None:
         log.warning(
-            "%s: the model's input convention is unknown (no export.json beside it), so the "
-            "image is used as read, [0, 1], its polarity unchecked",
+            "%s: the model's input convention is unknown (no export.json with an input "
+            "polarity beside the model), so the image is used as read, [0, 1], its polarity "
+            "unchecked",
             path,
         )
         return pixels
