@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from fedge.config import ConfigError, FedgeConfig, resolve_path
-from fedge.data import BUILTIN_DATASETS, DatasetBundle, load_dataset, partition_indices
+from fedge.data import (
+    BUILTIN_DATASETS,
+    DatasetBundle,
+    TableColumns,
+    load_dataset,
+    partition_indices,
+)
 from fedge.data.partition import PartitionPlanError
 from fedge.models.spec import ModelSpec, spec_for_data
 
@@ -13,7 +19,8 @@ def dataset_for(config: FedgeConfig) -> DatasetBundle:
     name = config.dataset
     if name not in BUILTIN_DATASETS and not name.startswith("hf:"):
         name = str(resolve_path(name))
-    return load_dataset(name, config.test_fraction, config.seed)
+    columns = TableColumns.parse(config.label_column, config.id_column, config.feature_columns)
+    return load_dataset(name, config.test_fraction, config.seed, columns)
 
 
 def model_spec_for(config: FedgeConfig, bundle: DatasetBundle) -> ModelSpec:

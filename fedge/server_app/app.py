@@ -164,12 +164,7 @@ def write_outputs(
     elif privacy.reports_epsilon():
         log(INFO, "fedge: ε=%.4g at δ=%g", privacy.epsilon(), privacy.ledger.delta)
     final_model = folder.path / "final_model.pt"
-    provenance = {
-        "dataset": bundle.name,
-        "test_fraction": config.test_fraction,
-        "seed": config.seed,
-    }
-    save_model(final_model, spec, arrays, provenance)
+    save_model(final_model, spec, arrays, bundle.provenance())
     if config.export_onnx:
         from fedge.edge.export import export_for_dataset
 
