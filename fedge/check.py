@@ -100,7 +100,7 @@ def app_defaults(app_dir: Path) -> dict[str, Any]:
             project = tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"no {PYPROJECT} in {app_dir}: give the app's folder") from None
-    except tomllib.TOMLDecodeError as error:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path} is not valid TOML: {error}") from None
     return flatten(project.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {}))
 
@@ -117,7 +117,7 @@ def parse_overrides(run_config: Sequence[str]) -> dict[str, Any]:
         try:
             with path.open("rb") as handle:
                 return flatten(tomllib.load(handle))
-        except (OSError, tomllib.TOMLDecodeError) as error:
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise ConfigError(f"--run-config {path}: {error}") from None
     overrides: dict[str, Any] = {}
     for text in run_config:
