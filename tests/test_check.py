@@ -308,3 +308,62 @@ def test_keys_exports_and_results_are_never_committed(path: str) -> None:
         [git, "-C", str(REPO), "check-ignore", "--no-index", "-q", path], check=False
     )
     assert result.returncode == 0, f"{path} is not ignored by .gitignore"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_fedge_run_exit_status_follows_the_run_on_a_real_superlink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deploy_helpers import app_copy, deployment
+
+    from fedge.deploy.local import _executable
+    from fedge.flwr_run import final_status
+
+    app = app_copy(tmp_path / "app")
+    out = tmp_path / "outputs"
+    with deployment(1, tmp_path / "deploy") as federation:
+
+        def fedge_run(overrides: str) -> subprocess.CompletedProcess[str]:
+            argv = ["run", str(app), federation.connection, "--stream", "-c", overrides]
+            return subprocess.run(
+                [sys.executable, "-m", "fedge.cli", *argv],
+                cwd=federation.directory,  # never in a project: flwr may rewrite pyproject.toml
+                env=federation.flwr_env(),
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+            )
+
+        # Passes the check, then the ServerApp refuses it: no checkpoint to resume.
+        failed = fedge_run(f"resume=true run-name='missing' output-dir='{out}'")
+        # Plain `flwr run` skips fedge's check: the ServerApp's first act refuses the value.
+        plain = federation.flwr(
+            "run", str(app), federation.connection, "--stream", "-c", "lr='fast'", timeout=300
+        )
+        completed = fedge_run(
+            f"num-server-rounds=1 local-epochs=1 min-train-nodes=1 min-available-nodes=1 "
+            f"output-dir='{out}' run-name='ok'"
+        )
+        monkeypatch.chdir(federation.directory)
+        for key, value in federation.flwr_env().items():
+            monkeypatch.setenv(key, value)
+        plain_id = run_id_in(plain.stdout)
+        assert plain_id is not None, plain.stdout[-3000:]
+        plain_status = final_status(_executable("flwr"), plain_id, federation.connection)
+
+    log = failed.stdout + failed.stderr
+    assert failed.returncode == 1, log[-3000:]
+    assert "does not exist; check output-dir and run-name" in failed.stderr, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+
+    assert plain.returncode == 0  # Flower's own exit status, the reason for `fedge run`
+    assert "lr must be a number, got 'fast'" in plain.stdout, plain.stdout[-3000:]
+    assert "Traceback" not in plain.stdout + plain.stderr, plain.stdout[-3000:]
+    assert plain_status[0] == "finished:failed" and "lr must be a number" in plain_status[1]
+
+    assert completed.returncode == 0, (completed.stdout + completed.stderr)[-3000:]
+    assert "finished:completed" in completed.stderr
+    assert (out / "ok" / "final_model.pt").is_file()
