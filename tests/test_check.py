@@ -325,8 +325,8 @@ def test_fedge_run_exit_status_follows_the_run_on_a_real_superlink(
     out = tmp_path / "outputs"
     with deployment(1, tmp_path / "deploy") as federation:
 
-        def fedge_run(overrides: str) -> subprocess.CompletedProcess[str]:
-            argv = ["run", str(app), federation.connection, "--stream", "-c", overrides]
+        def fedge_run(overrides: str, *stream: str) -> subprocess.CompletedProcess[str]:
+            argv = ["run", str(app), federation.connection, *stream, "-c", overrides]
             return subprocess.run(
                 [sys.executable, "-m", "fedge.cli", *argv],
                 cwd=federation.directory,  # never in a project: flwr may rewrite pyproject.toml
@@ -338,12 +338,12 @@ def test_fedge_run_exit_status_follows_the_run_on_a_real_superlink(
             )
 
         # Passes the check, then the ServerApp refuses it: no checkpoint to resume.
-        failed = fedge_run(f"resume=true run-name='missing' output-dir='{out}'")
+        failed = fedge_run(f"resume=true run-name='missing' output-dir='{out}'", "--stream")
         # Plain `flwr run` skips fedge's check: the ServerApp's first act refuses the value.
         plain = federation.flwr(
             "run", str(app), federation.connection, "--stream", "-c", "lr='fast'", timeout=300
         )
-        completed = fedge_run(
+        completed = fedge_run(  # not streamed: fedge run waits for the run to finish
             f"num-server-rounds=1 local-epochs=1 min-train-nodes=1 min-available-nodes=1 "
             f"output-dir='{out}' run-name='ok'"
         )
