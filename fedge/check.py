@@ -204,7 +204,8 @@ def check_command(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     check = subparsers.add_parser(
         "check",
-        help="validate the run config `flwr run` would use, in milliseconds (exit 2 if refused)",
+        help="validate the run config `flwr run` would submit, before anything starts "
+        "(exit 2 if refused)",
         description="Takes `flwr run`'s arguments; reads the app's pyproject.toml and the "
         "--run-config overrides as Flower does and validates them as the ServerApp will.",
     )
