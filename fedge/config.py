@@ -8,14 +8,15 @@ naming the key and what it accepts, before any training starts.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flwr.app import Context
-
-from fedge.privacy.clipping import AdaptiveClipping
+if TYPE_CHECKING:  # Flower (and numpy) would make `fedge check` take a second, not 0.1 s
+    from flwr.app import Context
 
 
 class ConfigError(ValueError):
@@ -205,8 +206,8 @@ class FedgeConfig:
         for key, raw in run_config.items():
             name = key.replace("-", "_")
             if name not in fields:
-                known = ", ".join(sorted(k.replace("_", "-") for k in fields))
-                raise ConfigError(f"unknown run-config key {key!r}; known keys: {known}")
+                known = (k.replace("_", "-") for k in fields)
+                raise ConfigError(f"unknown run-config key {key!r}; {did_you_mean(key, known)}")
             values[name] = _check(key, raw, fields[name])
         config = cls(**values)
         config._check_consistency()
@@ -230,6 +231,8 @@ class FedgeConfig:
                 "each noised update"
             )
         if self.dp_adaptive_clipping and self.dp_count_stddev:
+            from fedge.privacy.clipping import AdaptiveClipping  # numpy: only when needed
+
             try:
                 AdaptiveClipping.check_count_stddev(self.dp_count_stddev, self.dp_noise_multiplier)
             except ValueError as error:
@@ -260,6 +263,13 @@ class FedgeConfig:
     def to_run_config(self) -> dict[str, Any]:
         """Kebab-case dict, as in pyproject.toml (also what a checkpoint records)."""
         return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+
+def did_you_mean(key: str, known: Iterable[str]) -> str:
+    """The closest known key (a typo is the usual cause), else all of them, on one line."""
+    known = sorted(known)
+    close = difflib.get_close_matches(key.replace("_", "-"), known, n=1)
+    return f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
 
 
 def _check(key: str, raw: Any, spec: dataclasses.Field[Any]) -> Any:

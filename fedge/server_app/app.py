@@ -13,6 +13,7 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedge.check import server_config
 from fedge.config import ConfigError, FedgeConfig
 from fedge.data import DatasetBundle
 from fedge.edge.broadcast import backbone_payload
@@ -177,7 +178,7 @@ def write_outputs(
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    config = FedgeConfig.from_context(context)
+    config = server_config(context)  # first: a refused config fails in one log line
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
