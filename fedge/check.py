@@ -42,6 +42,8 @@ class FlwrRunArgs:
     app: str = "."
     superlink: str | None = None
     run_config: list[str] = field(default_factory=list)
+    federation: str | None = None
+    federation_config: list[str] = field(default_factory=list)
 
     @property
     def remote(self) -> bool:
@@ -51,7 +53,27 @@ class FlwrRunArgs:
     @classmethod
     def parse(cls, argv: Sequence[str]) -> FlwrRunArgs:
         namespace, _ = _flwr_run_parser().parse_known_intermixed_args(list(argv))
-        return cls(namespace.app, namespace.superlink, namespace.run_config)
+        return cls(
+            namespace.app,
+            namespace.superlink,
+            namespace.run_config,
+            namespace.federation,
+            namespace.federation_config,
+        )
+
+    def num_supernodes(self) -> int | None:
+        """The simulated federation's size: `--federation-config`, else the app's
+        federation in pyproject.toml; None when neither says (e.g. a deployment)."""
+        size = parse_overrides(self.federation_config).get("num-supernodes")
+        if size is None:
+            federations = _project(Path(self.app) / PYPROJECT)
+            federations = federations.get("tool", {}).get("flwr", {}).get("federations", {})
+            name = self.federation or federations.get("default")
+            options = federations.get(name, {}) if isinstance(name, str) else {}
+            size = options.get("options", {}).get("num-supernodes")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int)):
+            raise ConfigError(f"num-supernodes must be an integer, got {size!r}")
+        return size
 
 
 def add_flwr_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,16 +113,19 @@ def flatten(table: dict[str, Any], parent: str = "") -> dict[str, Any]:
     return flat
 
 
-def app_defaults(app_dir: Path) -> dict[str, Any]:
-    """The app's `[tool.flwr.app.config]`, flattened as Flower flattens it."""
-    path = app_dir / PYPROJECT
+def _project(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as handle:
-            project = tomllib.load(handle)
+            return tomllib.load(handle)
     except FileNotFoundError:
-        raise ConfigError(f"no {PYPROJECT} in {app_dir}: give the app's folder") from None
+        raise ConfigError(f"no {PYPROJECT} in {path.parent}: give the app's folder") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path} is not valid TOML: {error}") from None
+
+
+def app_defaults(app_dir: Path) -> dict[str, Any]:
+    """The app's `[tool.flwr.app.config]`, flattened as Flower flattens it."""
+    project = _project(app_dir / PYPROJECT)
     return flatten(project.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {}))
 
 
@@ -176,10 +201,26 @@ def server_config(context: Context) -> FedgeConfig:
     return FedgeConfig.from_context(context)
 
 
+def check_data_plan(parsed: FlwrRunArgs, config: FedgeConfig) -> None:
+    """A simulated federation's partitioning, run once here as each client would run it.
+
+    Only where the federation's size is known; this loads the data stack (about 2 s).
+    """
+    clients = parsed.num_supernodes()
+    if clients is None:
+        return
+    from fedge.task import check_data_plan as check_plan
+    from fedge.task import dataset_for
+
+    check_plan(config, dataset_for(config), clients)
+
+
 def checked(parsed: FlwrRunArgs) -> FedgeConfig | None:
     """Validate what `flwr run` would submit; a refusal is printed as one line (None)."""
     try:
-        return check_run_config(Path(parsed.app), parsed.run_config)
+        config = check_run_config(Path(parsed.app), parsed.run_config)
+        check_data_plan(parsed, config)
+        return config
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return None

@@ -93,6 +93,22 @@ def test_check_accepts_the_project_defaults_and_good_overrides(
     assert "ok (3 rounds" in capsys.readouterr().out
 
 
+def test_check_runs_the_simulated_federations_data_plan(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Issue 19: 300 digits clients made every client fail in every round; now refused here
+    code, err = _check(capsys, str(project), "--federation-config", "num-supernodes=300")
+    assert code == CONFIG_REFUSED
+    assert err.startswith("error: partitioner='dirichlet' cannot give each of 300 clients")
+    assert "Fix: " in err and "partitioner='iid'" in err and len(err.strip().splitlines()) == 1
+    ok = ("--federation-config", "num-supernodes=300", "-c", "partitioner='iid'")
+    assert _check(capsys, str(project), *ok)[0] == 0
+    assert FlwrRunArgs.parse([str(project)]).num_supernodes() == 10  # the app's federation
+    assert FlwrRunArgs.parse([str(project), "--federation-config", "num-supernodes=7"]) == (
+        FlwrRunArgs(str(project), None, [], None, ["num-supernodes=7"])
+    )
+
+
 def test_check_names_an_unknown_key_and_the_key_meant(
     project: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -18,7 +18,7 @@ from grids import node_contexts
 from fedge.client_app import app as client_app
 from fedge.config import ConfigError, FedgeConfig
 from fedge.data import partition_indices
-from fedge.data.partition import MIN_PARTITION_ROWS, PartitionPlanError
+from fedge.data.partition import DIRICHLET_MIN_ROWS, MIN_PARTITION_ROWS, PartitionPlanError
 from fedge.server_app.app import main as server_main
 from fedge.server_app.run_folder import FAILURE_REPORT
 from fedge.server_app.strategy import FedgeAvg, RunFailing
@@ -52,7 +52,8 @@ def test_an_impossible_split_names_a_client_count_that_works(
     with pytest.raises(PartitionPlanError) as caught:
         _split(labels, kind, clients)
     message = str(caught.value)
-    assert f"{clients} clients at least {MIN_PARTITION_ROWS} of the {len(labels)} " in message
+    least = DIRICHLET_MIN_ROWS if kind == "dirichlet" else MIN_PARTITION_ROWS
+    assert f"{clients} clients at least {least} of the {len(labels)} " in message
     works = _suggested(message)
     assert 0 < works < clients
     parts = _split(labels, kind, works)  # the advice holds

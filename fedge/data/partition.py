@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -15,6 +16,7 @@ from flwr_datasets.partitioner import (
 
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 MIN_PARTITION_ROWS = 1  # a client needs one row to train on (validation takes none then)
+DIRICHLET_MIN_ROWS = 2  # flwr-datasets redraws a Dirichlet split until each has this many
 
 
 PLAN_SEARCH_STEPS = 5  # each step partitions the pool once
@@ -38,7 +40,7 @@ def make_partitioner(
             num_partitions=num_partitions,
             partition_by="label",
             alpha=dirichlet_alpha,
-            min_partition_size=2,
+            min_partition_size=DIRICHLET_MIN_ROWS,
             self_balancing=True,
             seed=seed,
         )
@@ -89,7 +91,7 @@ def partition_indices(
 def _dirichlet_works(label_bytes: bytes, num_partitions: int, plan: tuple) -> bool:
     """Whether flwr-datasets finds a split (it draws all partitions on the first load)."""
     try:
-        _partitioner_on(label_bytes, num_partitions, *plan).load_partition(0)
+        _load(_partitioner_on(label_bytes, num_partitions, *plan), 0)
     except ValueError:
         return False
     return True
@@ -100,7 +102,8 @@ def _plan_message(label_bytes: bytes, num_partitions: int, plan: tuple, problem:
     """What failed and what to change, with a client count that works where one is cheap to find."""
     kind, _, alpha, classes = plan
     rows = len(label_bytes) // 8
-    fixes = [f"at most {rows // MIN_PARTITION_ROWS} clients"] if kind == "iid" else []
+    least = DIRICHLET_MIN_ROWS if kind == "dirichlet" else MIN_PARTITION_ROWS
+    fixes = [f"at most {rows // least} clients"] if kind == "iid" else []
     if kind == "dirichlet":  # no closed form: a few bisection steps find a count that works
         works, fails = 0, num_partitions
         for _ in range(PLAN_SEARCH_STEPS):
@@ -116,7 +119,7 @@ def _plan_message(label_bytes: bytes, num_partitions: int, plan: tuple, problem:
     }.get(kind, [])
     return (
         f"partitioner={kind!r} cannot give each of {num_partitions} clients at least "
-        f"{MIN_PARTITION_ROWS} of the {rows} training rows. Fix: {', '.join(fixes)}, "
+        f"{least} of the {rows} training rows. Fix: {', '.join(fixes)}, "
         f"or a larger dataset ({problem})"
     )
 
@@ -132,9 +135,16 @@ def _cached_partition_indices(
     """Partitioning once per process: every simulated client asks for the same split."""
     partitioner = _partitioner_on(label_bytes, num_partitions, kind, seed, *options)
     return tuple(
-        np.asarray(partitioner.load_partition(pid)["row"], dtype=np.int64)
-        for pid in range(num_partitions)
+        np.asarray(_load(partitioner, pid)["row"], dtype=np.int64) for pid in range(num_partitions)
     )
+
+
+def _load(partitioner: Partitioner, partition_id: int) -> Dataset:
+    """One partition; flwr-datasets' warning on each failed Dirichlet draw is left out
+    (a draw that never succeeds raises, and that error is what fedge reports)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The specified min_partition_size", UserWarning)
+        return partitioner.load_partition(partition_id)
 
 
 def _partitioner_on(
