@@ -32,6 +32,7 @@ from fedge.server_app.run_folder import (
 )
 from fedge.server_app.secure_round import SecAggSettings
 from fedge.server_app.strategy import FedgeAvg
+from fedge.server_app.tracking import require_tracker
 from fedge.task import dataset_for, model_spec_for
 
 app = ServerApp()
@@ -181,6 +182,7 @@ def write_outputs(
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = FedgeConfig.from_context(context)
+    require_tracker(config.tracking)
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -222,8 +224,10 @@ def run(grid: Grid, config: FedgeConfig, folder: RunFolder) -> None:
             log(WARNING, "fedge: stopping early: %s", stop)
         except Exception as error:
             write_privacy_report(folder, privacy, f"the ServerApp failed: {error!r}")
+            recorder.close(failed=True)
             raise
         arrays = recorder.last_arrays
     else:
         log(INFO, "fedge: all %s rounds already done", config.num_server_rounds)
+    recorder.close()
     write_outputs(folder, config, privacy, spec, bundle, arrays)
