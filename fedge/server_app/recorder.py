@@ -58,9 +58,7 @@ class RoundRecorder:
         self.model = build_model(spec)
         self.last_arrays: NamedArrays = {}
         self._last_time = time.perf_counter()
-        self.tracking = Tracking.open(
-            config.tracking, folder.path, run_config, strategy.rounds_done + 1
-        )
+        self.tracking = Tracking.open(config.tracking, folder, run_config)
 
     def test_metrics(self, arrays: NamedArrays) -> tuple[float, float]:
         load_numpy_state(self.model, arrays)

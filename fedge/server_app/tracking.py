@@ -25,6 +25,7 @@ from typing import Any, Protocol, TypeVar
 from flwr.common.logger import log
 
 from fedge.config import ConfigError
+from fedge.server_app.run_folder import RunFolder
 
 INSTALL = 'pip install "fedge[tracking]"'
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
@@ -75,17 +76,15 @@ class Sink(Protocol):
 class TensorBoardSink:
     """Event files in the run folder (`tensorboard --logdir <output-dir>` shows every run).
 
-    A resumed run purges the steps from its first round on, so rounds that a
-    killed run logged past its checkpoint are replaced, as in metrics.jsonl.
+    A resumed run purges what the earlier files hold (TensorBoard drops their steps
+    from `purge_step` on) and logs the run's history again, so each round appears once.
     """
 
-    def __init__(self, folder: Path, run_config: dict[str, Any], first_round: int) -> None:
+    def __init__(self, folder: Path, run_config: dict[str, Any], resumed: bool) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(
-            log_dir=str(folder), purge_step=first_round if first_round > 1 else None
-        )
-        self.writer.add_text("run_config", json.dumps(run_config, indent=1), first_round)
+        self.writer = SummaryWriter(log_dir=str(folder), purge_step=0 if resumed else None)
+        self.writer.add_text("run_config", json.dumps(run_config, indent=1), 0)
         self.writer.flush()
 
     def log_round(self, step: int, scalars: dict[str, float], texts: dict[str, str]) -> None:
@@ -104,10 +103,10 @@ class MlflowSink:
 
     The default store is MLflow's SQLite backend in `<run>/mlruns/` (its file
     backend is deprecated); `mlflow ui --backend-store-uri sqlite:///<run>/mlruns/mlflow.db`
-    shows it. A resumed run opens a new MLflow run whose steps go on from its first round.
+    shows it. A resumed run opens a new MLflow run that holds the whole history again.
     """
 
-    def __init__(self, folder: Path, run_config: dict[str, Any], first_round: int) -> None:
+    def __init__(self, folder: Path, run_config: dict[str, Any], resumed: bool) -> None:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
@@ -125,7 +124,7 @@ class MlflowSink:
                 MLFLOW_EXPERIMENT, artifact_location=(store / "artifacts").as_uri()
             )
         )
-        tags = {"fedge.run_folder": folder.name, "fedge.first_round": str(first_round)}
+        tags = {"fedge.run_folder": folder.name, "fedge.resumed": str(resumed).lower()}
         run = self.client.create_run(experiment_id, run_name=folder.name, tags=tags)
         self.run_id = run.info.run_id
         params = [Param(key, str(value)) for key, value in run_config.items()]
@@ -144,7 +143,7 @@ class MlflowSink:
         self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
 
-SINKS: dict[str, Callable[[Path, dict[str, Any], int], Sink]] = {
+SINKS: dict[str, Callable[[Path, dict[str, Any], bool], Sink]] = {
     "tensorboard": TensorBoardSink,
     "mlflow": MlflowSink,
 }
@@ -159,15 +158,19 @@ class Tracking:
         self.sink = sink
 
     @classmethod
-    def open(
-        cls, kind: str, folder: Path, run_config: dict[str, Any], first_round: int
-    ) -> Tracking:
-        """A missing package is a config error; a tracker that fails to start is not."""
+    def open(cls, kind: str, folder: RunFolder, run_config: dict[str, Any]) -> Tracking:
+        """Start the tracker and give it the rows a resumed run already holds.
+
+        A missing package is a config error; a tracker that fails to start is not.
+        """
         if not kind:
             return cls(kind, None)
         require_tracker(kind)
+        history = folder.read_metrics()
         tracking = cls(kind, None)
-        tracking.sink = tracking.guard(lambda: SINKS[kind](folder, run_config, first_round))
+        tracking.sink = tracking.guard(lambda: SINKS[kind](folder.path, run_config, bool(history)))
+        for row in history:
+            tracking.log_row(row)
         return tracking
 
     def log_row(self, row: dict[str, Any]) -> None:
@@ -193,6 +196,12 @@ class Tracking:
                 "metrics.jsonl still has every round",
                 self.kind,
                 type(error).__name__,
-                error,
+                first_line(error),
             )
             return None
+
+
+def first_line(error: Exception) -> str:
+    """An error's first line: a store's error can carry its whole SQL statement."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
