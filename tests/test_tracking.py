@@ -30,6 +30,7 @@ from test_simulation import (  # the LocalGrid harness: fedge's apps without Ray
 from fedge.config import ConfigError, FedgeConfig
 from fedge.server_app.app import main as server_main
 from fedge.server_app.plotting import metrics_figure
+from fedge.server_app.run_folder import RunFolder
 from fedge.server_app.tracking import Tracking, split_row
 
 DP = {"dp-mode": "central", "dp-noise-multiplier": 1.0}
@@ -196,6 +197,24 @@ def test_a_resumed_run_is_tracked_once_per_round(
         values = [metric.value for metric in history]
     assert steps == [1, 2]  # round 1 again from metrics.jsonl, round 2 from the resumed run
     assert values == pytest.approx([row["test_accuracy"] for row in rows], rel=1e-6)
+
+
+def test_mlflow_tracking_uri_sends_the_run_where_the_user_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    elsewhere = f"sqlite:///{tmp_path / 'team.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
+    run_folder = tmp_path / "run"
+    run_folder.mkdir()
+    tracking = Tracking.open("mlflow", RunFolder(run_folder), {"seed": 1})
+    tracking.log_row({"round": 1, "test_accuracy": 0.25})
+    tracking.close()
+    assert tracking.sink is None and not (run_folder / "mlruns").exists()
+    client = MlflowClient(tracking_uri=elsewhere)
+    (run,) = client.search_runs([client.get_experiment_by_name("fedge").experiment_id])
+    assert run.data.metrics == {"test_accuracy": 0.25} and run.data.params == {"seed": "1"}
 
 
 class DiskFull:

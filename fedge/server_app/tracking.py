@@ -5,9 +5,9 @@ report and checkpoint) before a row reaches a tracker, and a tracker that fails
 (disk full, a corrupt MLflow store, an unreachable server) is logged once and
 switched off, so it can neither lose a row nor stop a run mid-round. A tracker
 gets exactly the fields of each metrics.jsonl row (no client ids or updates)
-plus the run config; the fedge ServerApp makes no network connection for it:
-MLflow writes to `<run>/mlruns/` unless `MLFLOW_TRACKING_URI` says otherwise,
-and its usage telemetry is off unless the user turned it on.
+plus the run config. Nothing leaves the machine unless the user says so: MLflow
+writes to `<run>/mlruns/` unless `MLFLOW_TRACKING_URI` names a server, and its
+usage telemetry is off unless the user turned it on.
 """
 
 from __future__ import annotations
@@ -112,17 +112,17 @@ class MlflowSink:
         from mlflow.tracking import MlflowClient
 
         store = folder / MLFLOW_DIR
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store / 'mlflow.db'}"
-        if uri.startswith("sqlite:///"):
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        artifacts = None  # a server's own default
+        if not uri:
             store.mkdir(exist_ok=True)
+            uri, artifacts = f"sqlite:///{store / 'mlflow.db'}", (store / "artifacts").as_uri()
         self.client = MlflowClient(tracking_uri=uri)
         experiment = self.client.get_experiment_by_name(MLFLOW_EXPERIMENT)
         experiment_id = (
             experiment.experiment_id
             if experiment is not None
-            else self.client.create_experiment(
-                MLFLOW_EXPERIMENT, artifact_location=(store / "artifacts").as_uri()
-            )
+            else self.client.create_experiment(MLFLOW_EXPERIMENT, artifact_location=artifacts)
         )
         tags = {"fedge.run_folder": folder.name, "fedge.resumed": str(resumed).lower()}
         run = self.client.create_run(experiment_id, run_name=folder.name, tags=tags)
