@@ -33,7 +33,8 @@ from fedge.server_app.plotting import metrics_figure
 from fedge.server_app.run_folder import RunFolder
 from fedge.server_app.tracking import Tracking, split_row
 
-DP = {"dp-mode": "central", "dp-noise-multiplier": 1.0}
+SMALL = {"dataset": "breast-cancer"}  # an MLP on 30 features: a round takes a fraction of a second
+DP = {**SMALL, "dp-mode": "central", "dp-noise-multiplier": 1.0}
 
 
 # --- what a tracker is given -----------------------------------------------------------
@@ -173,8 +174,8 @@ def test_a_resumed_run_is_tracked_once_per_round(
 ) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_local(tmp_path, kind, rounds=2, crash_on_train_call=2, tracking=kind)
-    folder = run_local(tmp_path, kind, rounds=2, resume=True, tracking=kind)
+        run_local(tmp_path, kind, rounds=2, crash_on_train_call=2, tracking=kind, **SMALL)
+    folder = run_local(tmp_path, kind, rounds=2, resume=True, tracking=kind, **SMALL)
     rows = read_rows(folder)
     assert [row["round"] for row in rows] == [1, 2]
     if kind == "tensorboard":
@@ -274,6 +275,7 @@ def test_a_corrupt_mlflow_store_mid_run_loses_no_round_and_stops_nothing(
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     config = FedgeConfig.from_run_config(
         {
+            **SMALL,
             "num-server-rounds": 2,
             "local-epochs": 1,
             "tracking": "mlflow",
