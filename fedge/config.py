@@ -188,6 +188,11 @@ class FedgeConfig:
     export_quantization: str = _opt(
         "static", "int8 scheme for export-onnx", choices=("static", "dynamic")
     )
+    tracking: str = _opt(
+        "",
+        "also log every metrics.jsonl field per round to TensorBoard or MLflow; empty = off",
+        choices=("", "tensorboard", "mlflow"),
+    )
     output_dir: str = _opt("outputs", "results folder (relative: see resolve_path)")
     run_name: str = _opt("", "subfolder of output-dir; empty = a timestamp")
     resume: bool = _opt(False, "continue the run in output-dir/run-name from its checkpoint")

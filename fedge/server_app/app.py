@@ -34,6 +34,7 @@ from fedge.server_app.run_folder import (
 )
 from fedge.server_app.secure_round import SecAggSettings
 from fedge.server_app.strategy import FedgeAvg
+from fedge.server_app.tracking import require_tracker
 from fedge.task import check_data_plan, dataset_for, model_spec_for
 
 app = ServerApp()
@@ -179,6 +180,7 @@ def write_outputs(
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = server_config(context)  # first: a refused config fails in one log line
+    require_tracker(config.tracking)
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -225,8 +227,10 @@ def run(grid: Grid, config: FedgeConfig, folder: RunFolder) -> None:
         except Exception as error:
             write_privacy_report(folder, privacy, f"the ServerApp failed: {error!r}")
             folder.write_json(FAILURE_REPORT, {"error": type(error).__name__, "reason": str(error)})
+            recorder.close(failed=True)
             raise
         arrays = recorder.last_arrays
     else:
         log(INFO, "fedge: all %s rounds already done", config.num_server_rounds)
+    recorder.close()
     write_outputs(folder, config, privacy, spec, bundle, arrays)
