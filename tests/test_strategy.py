@@ -424,6 +424,37 @@ def test_inconsistent_evaluation_replies_are_skipped_not_fatal() -> None:
     assert strategy.report.val_metrics == {}
 
 
+BAD_EVALUATIONS = {
+    "nan loss": {"val-loss": float("nan"), "val-accuracy": 0.5, "num-examples": 10},
+    "accuracy above 1": {"val-loss": 0.1, "val-accuracy": 2.0, "num-examples": 10},
+    "negative loss": {"val-loss": -1.0, "val-accuracy": 0.5, "num-examples": 10},
+    "float weight": {"val-loss": 0.1, "val-accuracy": 0.5, "num-examples": 1e308},
+    "negative weight": {"val-loss": 0.1, "val-accuracy": 0.5, "num-examples": -3},
+    "list accuracy": {"val-loss": 0.1, "val-accuracy": [0.5, 0.6], "num-examples": 10},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_EVALUATIONS))
+def test_a_bad_evaluate_reply_is_dropped_and_the_rest_still_count(kind: str) -> None:
+    strategy = FedgeAvg(max_num_examples=100)
+    good = {"val-loss": 0.5, "val-accuracy": 0.8, "num-examples": 20}
+    replies = [_eval_reply(11, good), _eval_reply(22, BAD_EVALUATIONS[kind])]
+    strategy.aggregate_evaluate(1, replies)
+    assert strategy.report.val_metrics == {"val-loss": 0.5, "val-accuracy": 0.8}
+
+
+def test_evaluate_replies_keep_only_known_keys_and_capped_weights() -> None:
+    strategy = FedgeAvg(max_num_examples=100)
+    injected = {"val-loss": 1.0, "val-accuracy": 0.0, "num-examples": 10**9, "val_a|b<script>": 1}
+    honest = {"val-loss": 0.0, "val-accuracy": 1.0, "num-examples": 100}
+    strategy.aggregate_evaluate(1, [_eval_reply(11, injected), _eval_reply(22, honest)])
+    # 10**9 counts as the cap (100): the two replies weigh the same
+    assert strategy.report.val_metrics == {"val-loss": 0.5, "val-accuracy": 0.5}
+    twice = [_eval_reply(11, honest), _eval_reply(11, honest), _eval_reply(22, injected)]
+    strategy.aggregate_evaluate(2, twice)  # both of node 11's replies are dropped
+    assert strategy.report.val_metrics["val-accuracy"] == 0.0
+
+
 # --- aggregation helpers ----------------------------------------------------------------
 
 

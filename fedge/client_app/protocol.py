@@ -34,6 +34,10 @@ min(n, cap); the server rejects a reply above it (plain and SecAgg alike)."""
 LOSS_KEY = "train-loss"
 """Reply metric: the mean local training loss."""
 
+VAL_LOSS_KEY = "val-loss"
+VAL_ACCURACY_KEY = "val-accuracy"
+"""Evaluate-reply metrics: the global model on the node's validation split (NaN if empty)."""
+
 UPDATE_INFO_KEY = "update-info"
 PARTIAL_KEY = "partial-update"
 """Reply ConfigRecord and flag: the update covers only some arrays (e.g. an edge

@@ -16,6 +16,8 @@ from fedge.client_app.protocol import (
     DECLINED_KEY,
     LOCAL_EPSILON_KEY,
     REPLY_KEY,
+    VAL_ACCURACY_KEY,
+    VAL_LOSS_KEY,
     WEIGHT_KEY,
     reported_examples,
 )
@@ -158,6 +160,6 @@ def evaluate(msg: Message, context: Context, config: FedgeConfig) -> Message:
     load_numpy_state(model, from_array_record(msg.content.array_records["arrays"]))
     loss, accuracy = evaluate_model(model, data.x_val, data.y_val)
     metrics = MetricRecord(
-        {"val-loss": loss, "val-accuracy": accuracy, WEIGHT_KEY: len(data.y_val)}
+        {VAL_LOSS_KEY: loss, VAL_ACCURACY_KEY: accuracy, WEIGHT_KEY: len(data.y_val)}
     )
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

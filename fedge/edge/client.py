@@ -17,6 +17,8 @@ from fedge.client_app.protocol import (
     PARTIAL_KEY,
     REPLY_KEY,
     UPDATE_INFO_KEY,
+    VAL_ACCURACY_KEY,
+    VAL_LOSS_KEY,
     WEIGHT_KEY,
     reported_examples,
 )
@@ -101,6 +103,6 @@ def evaluate(msg: Message, context: Context, config: FedgeConfig) -> Message:
         loss = learner.loss(features, data.y_val)
         accuracy = float(np.mean(learner.predict(features) == data.y_val))
     metrics = MetricRecord(
-        {"val-loss": loss, "val-accuracy": accuracy, WEIGHT_KEY: len(data.y_val)}
+        {VAL_LOSS_KEY: loss, VAL_ACCURACY_KEY: accuracy, WEIGHT_KEY: len(data.y_val)}
     )
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

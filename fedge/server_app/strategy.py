@@ -15,7 +15,6 @@ from logging import INFO, WARNING
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
@@ -37,7 +36,12 @@ from fedge.server_app.polling import destinations, replying_node
 from fedge.server_app.privacy import ServerPrivacy
 from fedge.server_app.robust import InfluenceBound, SecureBounds
 from fedge.server_app.secure_round import KeyedRound, SecAggSettings, SecureRound
-from fedge.server_app.validation import DEFAULT_MAX_NUM_EXAMPLES, CheckedReply, check_reply
+from fedge.server_app.validation import (
+    DEFAULT_MAX_NUM_EXAMPLES,
+    CheckedReply,
+    check_reply,
+    checked_evaluation,
+)
 
 
 @dataclass
@@ -419,13 +423,27 @@ class FedgeAvg(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        try:
-            metrics = super().aggregate_evaluate(server_round, replies)
-        except (InconsistentMessageReplies, ZeroDivisionError) as exc:
-            log(WARNING, "Skipped federated evaluation metrics: %s", exc)
+        """The example-weighted mean of the valid evaluate replies (one per node).
+
+        Metrics are reported, not trained on, yet they reach metrics.jsonl, the plots
+        and the trackers: each reply passes its own gate (known keys, in range).
+        """
+        replies = list(replies)
+        answers = Counter(reply.metadata.src_node_id for reply in replies)
+        clean = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            metrics, reason = checked_evaluation(reply, self.max_num_examples)
+            if answers[node] > 1:
+                metrics, reason = None, f"{answers[node]} evaluate replies from one node"
+            if metrics is None:
+                log(WARNING, "Dropped evaluate reply from node %s: %s", node, reason)
+                continue
+            clean.append(RecordDict({"metrics": metrics}))
+        if not clean:
             return None
-        if metrics is not None:
-            self.report.val_metrics = {
-                k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))
-            }
-        return metrics
+        aggregated = aggregate_metricrecords(clean, WEIGHT_KEY)
+        self.report.val_metrics = {
+            k: float(v) for k, v in aggregated.items() if isinstance(v, (int, float))
+        }
+        return aggregated

@@ -25,6 +25,8 @@ from fedge.client_app.protocol import (
     PARTIAL_KEY,
     UNCLIPPED_KEY,
     UPDATE_INFO_KEY,
+    VAL_ACCURACY_KEY,
+    VAL_LOSS_KEY,
     WEIGHT_KEY,
 )
 from fedge.records import NamedArrays, RejectedArray, checked_arrays, untrusted_repr
@@ -73,6 +75,18 @@ OPTIONAL_METRICS: dict[str, tuple[Callable[[object], float | int | None], str]] 
 }
 """Reply metrics fedge reads: each parser returns the clean value, or None if it is out
 of range. Any other key is ignored, never aggregated."""
+
+
+def _fraction(value: object) -> float | None:
+    number = _finite(value)
+    return number if number is not None and 0 <= number <= 1 else None
+
+
+EVALUATION_METRICS: dict[str, tuple[Callable[[object], float | None], str]] = {
+    VAL_LOSS_KEY: (_non_negative, "a finite number >= 0"),
+    VAL_ACCURACY_KEY: (_fraction, "a number in [0, 1]"),
+}
+"""The metrics an evaluate reply must carry; any other key is ignored."""
 
 
 def checked_metrics(
@@ -149,6 +163,32 @@ def checked_update(
         if not np.isfinite(value).all():
             return None, f"array {name!r} contains NaN or Inf"
     return arrays, None
+
+
+def checked_evaluation(reply: Message, max_num_examples: int) -> tuple[MetricRecord | None, str]:
+    """(the evaluate reply's known metrics, clean, "") or (None, why not).
+
+    The weight is capped at `max_num_examples` (honest clients do not cap
+    validation counts); a reply with an empty split (weight 0) carries nothing.
+    """
+    if reply.has_error():
+        return None, client_error(reply)
+    records = list(reply.content.metric_records.values())
+    if len(records) != 1:
+        return None, f"{len(records)} MetricRecords, expected one"
+    metrics = records[0]
+    weight = metrics.get(WEIGHT_KEY)
+    if not (_is_int(weight) and weight >= 0):  # type: ignore[operator]
+        return None, f"'{WEIGHT_KEY}' must be an integer >= 0, got {untrusted_repr(weight)}"
+    if weight == 0:
+        return None, "an empty validation split"
+    kept = MetricRecord({WEIGHT_KEY: min(weight, max_num_examples)})  # type: ignore[dict-item]
+    for key, (parse, accepted) in EVALUATION_METRICS.items():
+        clean = parse(metrics.get(key))
+        if clean is None:
+            return None, f"'{key}' must be {accepted}, got {untrusted_repr(metrics.get(key))}"
+        kept[key] = clean
+    return kept, ""
 
 
 def client_error(reply: Message) -> str:
