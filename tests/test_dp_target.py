@@ -297,12 +297,27 @@ def simulate(root: Path, name: str, **keys: Any) -> tuple[list[dict[str, Any]], 
     return [json.loads(line) for line in lines if line.strip()], root / name
 
 
+CENTRAL_SIM = {"secagg": True, "dp-mode": "central"}
+
+
+def read_privacy(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "privacy.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def central_run(sim_root: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """SecAgg+ with central DP to a target; its outputs read before any resume."""
+    rows, run_dir = simulate(sim_root, "central", **CENTRAL_SIM)
+    return rows, read_privacy(run_dir)
+
+
 @pytest.mark.slow
-def test_secagg_central_target_run_uses_all_its_rounds(sim_root: Path) -> None:
-    rows, run_dir = simulate(sim_root, "central", secagg=True, **{"dp-mode": "central"})
+def test_secagg_central_target_run_uses_all_its_rounds(
+    central_run: tuple[list[dict[str, Any]], dict[str, Any]],
+) -> None:
+    rows, privacy = central_run
     assert [row["round"] for row in rows] == list(range(1, SIM_ROUNDS + 1))
     assert all(row["aggregated"] for row in rows)
-    privacy = json.loads((run_dir / "privacy.json").read_text(encoding="utf-8"))
     assert privacy["stop_reason"] == "completed all rounds"
     sigma = privacy["noise_multiplier"]
     assert sigma == noise_multiplier_for(SIM_TARGET, delta=DELTA, sample_rate=1.0, steps=SIM_ROUNDS)
@@ -311,6 +326,24 @@ def test_secagg_central_target_run_uses_all_its_rounds(sim_root: Path) -> None:
     assert privacy["epsilon"] == pytest.approx(spent, rel=1e-9)
     assert rows[-1]["epsilon"] == pytest.approx(spent, rel=1e-9)
     assert SIM_TARGET - TOLERANCE <= spent <= SIM_TARGET
+
+
+@pytest.mark.slow
+def test_resumed_target_run_keeps_sigma_and_stops_at_the_target(
+    central_run: tuple[list[dict[str, Any]], dict[str, Any]], sim_root: Path
+) -> None:
+    """One more round planned on resume: a smaller σ would fit it in the target; the
+    run keeps its σ and the budget refuses that round instead."""
+    _, before = central_run
+    rows, run_dir = simulate(
+        sim_root, "central", **CENTRAL_SIM, **{"num-server-rounds": SIM_ROUNDS + 1, "resume": True}
+    )
+    privacy = read_privacy(run_dir)
+    assert [row["round"] for row in rows] == list(range(1, SIM_ROUNDS + 1))
+    assert privacy["noise_multiplier"] == before["noise_multiplier"]
+    assert f"round {SIM_ROUNDS + 1}" in privacy["stop_reason"]
+    assert "dp-target-epsilon" in privacy["stop_reason"]
+    assert privacy["epsilon"] == before["epsilon"] <= SIM_TARGET
 
 
 @pytest.mark.slow
