@@ -163,6 +163,11 @@ class FedgeConfig:
     dp_max_epsilon: float = _opt(
         0.0, "never start a round that would exceed it; 0 = no budget", low=0
     )
+    dp_target_epsilon: float = _opt(
+        0.0,
+        "set sigma (and local DP's) so all planned rounds end at or just under it; 0 = off",
+        low=0,
+    )
     dp_adaptive_clipping: bool = _opt(False, "track a norm quantile (central DP without SecAgg)")
     dp_target_quantile: float = _opt(
         0.5, "adaptive clipping: target quantile of update norms", low=0, high=1
@@ -235,7 +240,8 @@ class FedgeConfig:
                 "dp-mode='distributed' needs secagg=true: without it the server sees "
                 "each noised update"
             )
-        if self.dp_adaptive_clipping and self.dp_count_stddev:
+        self._check_target_epsilon()
+        if self.dp_adaptive_clipping and self.dp_count_stddev and not self.dp_target_epsilon:
             from fedge.privacy.clipping import AdaptiveClipping  # numpy: only when needed
 
             try:
@@ -257,6 +263,45 @@ class FedgeConfig:
             raise ConfigError("secagg=true does not support edge-clients yet; set edge-clients=0")
         if self.secagg and self.secagg_num_shares and self.secagg_num_shares < 3:
             raise ConfigError(f"secagg-num-shares must be 0 or >= 3, got {self.secagg_num_shares}")
+
+    def _check_target_epsilon(self) -> None:
+        """dp-target-epsilon sets σ; the noise multipliers it replaces stay at their
+        defaults, and a budget, if set, is not below it (the run would stop early)."""
+        target = self.dp_target_epsilon
+        if not target:
+            return
+        if self.dp_mode == "none" and not self.local_dp:
+            raise ConfigError(
+                "dp-target-epsilon needs DP to calibrate: set dp-mode='central' (or "
+                "'distributed' with secagg=true) or local-dp=true, or dp-target-epsilon=0"
+            )
+        defaults = FedgeConfig.__dataclass_fields__
+        pairs = [("dp", self.dp_mode != "none"), ("local-dp", self.local_dp)]
+        for prefix, on in pairs:
+            name = prefix.replace("-", "_")
+            sigma = getattr(self, f"{name}_noise_multiplier")
+            if on and sigma != defaults[f"{name}_noise_multiplier"].default:
+                raise ConfigError(
+                    f"{prefix}-noise-multiplier={sigma:g} conflicts with dp-target-epsilon="
+                    f"{target:g}, which computes σ itself; set one of them"
+                )
+            budget = getattr(self, f"{name}_max_epsilon")
+            if on and 0 < budget < target:
+                raise ConfigError(
+                    f"{prefix}-max-epsilon={budget:g} is below dp-target-epsilon={target:g}, "
+                    f"so the run would stop before its planned rounds; set {prefix}-max-epsilon"
+                    "=0 (the budget is then the target) or at least the target"
+                )
+
+    @property
+    def dp_budget(self) -> float:
+        """The server's ε budget: dp-max-epsilon, else the target (0 = none)."""
+        return self.dp_max_epsilon or self.dp_target_epsilon
+
+    @property
+    def local_dp_budget(self) -> float:
+        """A node's ε budget: local-dp-max-epsilon, else the target (0 = none)."""
+        return self.local_dp_max_epsilon or self.dp_target_epsilon
 
     @property
     def acceptance_on(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from fedge.client_app.protocol import (
     WEIGHT_KEY,
     reported_examples,
 )
-from fedge.config import FedgeConfig
+from fedge.config import ConfigError, FedgeConfig
 from fedge.models import build_model, load_numpy_state, state_to_numpy
 from fedge.models.training import evaluate as evaluate_model
 from fedge.models.training import make_loader, train_epochs
@@ -42,6 +43,44 @@ def _make_optimizer(config: FedgeConfig, model: torch.nn.Module) -> torch.optim.
     if config.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=config.lr)
     return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+
+
+@functools.cache
+def _planned_sigma(target: float, delta: float, rounds: int, epochs: int, batches: int) -> float:
+    from fedge.privacy.accountant import TargetUnreachable, noise_multiplier_for
+
+    try:
+        sigma = noise_multiplier_for(
+            target, delta=delta, sample_rate=1 / batches, steps=rounds * epochs * batches
+        )
+    except TargetUnreachable as error:
+        raise ConfigError(f"dp-target-epsilon (local DP): {error}") from None
+    logger.info(
+        "local DP: dp-target-epsilon=%g gives σ=%.4g for %s rounds × %s epochs × %s batches",
+        target,
+        sigma,
+        rounds,
+        epochs,
+        batches,
+    )
+    return sigma
+
+
+def local_noise_multiplier(config: FedgeConfig, num_batches: int) -> float:
+    """DP-SGD's σ: local-dp-noise-multiplier or, under dp-target-epsilon, the σ that
+    keeps a node training in every planned round (num-server-rounds × local-epochs ×
+    its batches, Opacus's Poisson rate 1/batches) within the target. The same for
+    every round and on a restart; the node's budget (the target unless
+    local-dp-max-epsilon) still counts what its ledger spent in earlier runs."""
+    if not config.dp_target_epsilon:
+        return config.local_dp_noise_multiplier
+    return _planned_sigma(
+        config.dp_target_epsilon,
+        config.dp_delta,
+        config.num_server_rounds,
+        config.local_epochs,
+        num_batches,
+    )
 
 
 def train_locally(
@@ -68,12 +107,13 @@ def train_locally(
 
     from fedge.privacy.local_dp import local_epsilon, local_would_exceed, make_local_dp
 
-    budget = config.local_dp_max_epsilon
+    budget = config.local_dp_budget
+    sigma = local_noise_multiplier(config, len(loader))
     if budget > 0 and local_would_exceed(
         accountant_state,
         delta=config.dp_delta,
         max_epsilon=budget,
-        noise_multiplier=config.local_dp_noise_multiplier,
+        noise_multiplier=sigma,
         sample_rate=1 / len(loader),
         steps=config.local_epochs * len(loader),
     ):
@@ -90,7 +130,7 @@ def train_locally(
             model,
             optimizer,
             loader,
-            noise_multiplier=config.local_dp_noise_multiplier,
+            noise_multiplier=sigma,
             max_grad_norm=config.local_dp_max_grad_norm,
             accountant_state=accountant_state,
         ) as private,

@@ -13,6 +13,7 @@ _before = list(_root.handlers)
 from opacus import PrivacyEngine  # noqa: E402
 from opacus.accountants import RDPAccountant  # noqa: E402
 from opacus.accountants.analysis import rdp as rdp_analysis  # noqa: E402
+from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
 from opacus.grad_sample.functorch import prepare_layer  # noqa: E402
 from opacus.grad_sample.grad_sample_module import (  # noqa: E402
     GradSampleHooks,
@@ -42,6 +43,7 @@ __all__ = [
     "PrivacyEngine",
     "RDPAccountant",
     "check_processed_flag",
+    "get_noise_multiplier",
     "mark_as_processed",
     "prepare_layer",
     "promote_current_grad_sample",

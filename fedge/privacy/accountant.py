@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from fedge.privacy._common import check_delta, check_noise_multiplier
-from fedge.privacy._opacus import RDPAccountant, rdp_analysis
+from fedge.privacy._opacus import RDPAccountant, get_noise_multiplier, rdp_analysis
 
 # Opacus's RDPAccountant history: (noise_multiplier, sample_rate, steps) runs.
 History = Sequence[tuple[float, float, int]]
@@ -62,6 +63,48 @@ def check_step(noise_multiplier: float, sample_rate: float) -> None:
     check_noise_multiplier(noise_multiplier)
     if not 0 <= sample_rate <= 1:
         raise ValueError(f"sample_rate must be in [0, 1], got {sample_rate}")
+
+
+class TargetUnreachable(ValueError):
+    """No noise multiplier keeps the planned steps within the target epsilon."""
+
+
+def noise_multiplier_for(
+    target_epsilon: float, *, delta: float, sample_rate: float, steps: int
+) -> float:
+    """The σ whose ε after `steps` steps at `sample_rate` is at most `target_epsilon`.
+
+    Opacus's bisection (`get_noise_multiplier`, within 0.01 below the target), then
+    checked again on this module's `rdp_epsilon`, the number every ledger reports, so
+    a σ that would overspend is never returned (fail closed).
+    """
+    check_delta(delta)
+    if not target_epsilon > 0 or not math.isfinite(target_epsilon):
+        raise ValueError(f"target_epsilon must be a positive number, got {target_epsilon}")
+    if not 0 < sample_rate <= 1 or steps < 1:
+        # ε would be 0 for every σ, and Opacus's bisection would not end
+        raise ValueError(f"need 0 < sample_rate <= 1 and steps >= 1, got {sample_rate}, {steps}")
+    with warnings.catch_warnings():
+        # Opacus's advice to widen the RDP orders; fedge's ledger uses the same orders.
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        try:
+            sigma = get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant="rdp",
+            )
+        except ValueError as error:
+            raise TargetUnreachable(
+                f"ε={target_epsilon:g} at δ={delta:g} cannot be met over {steps} steps at "
+                f"sampling rate {sample_rate:.4g}, whatever the noise ({error}); raise the "
+                "target or δ, or plan fewer rounds (local DP: fewer epochs or larger batches)"
+            ) from None
+        spent = rdp_epsilon([(float(sigma), float(sample_rate), int(steps))], delta)
+    if not spent <= target_epsilon:
+        raise TargetUnreachable(f"σ={sigma:.6g} spends ε={spent:.6g} > {target_epsilon:g}")
+    return float(sigma)
 
 
 @dataclass(frozen=True)

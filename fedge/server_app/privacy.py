@@ -10,19 +10,23 @@ The ledger exists in every run, DP on or off, and travels in every checkpoint: a
 round that ran without DP is accounted as a noiseless release (σ = 0, so ε = ∞),
 so a run that ever had a guarantee reports that it no longer holds instead of a
 smaller ε. Resuming a DP run with DP off is refused unless `resume-without-dp`.
+
+With `dp-target-epsilon`, σ is computed at the first round's start (the sampling
+rate needs the connected nodes) for all planned rounds, logged, kept in every
+checkpoint and reused on resume, so a resumed run keeps its σ.
 """
 
 from __future__ import annotations
 
 import math
-from logging import WARNING
+from logging import INFO, WARNING
 from typing import Any
 
 from flwr.common.logger import log
 
 from fedge.client_app.protocol import CLIP_KEY, MIN_CLIENTS_KEY, NOISE_MULTIPLIER_KEY
 from fedge.config import ConfigError, FedgeConfig
-from fedge.privacy.accountant import PrivacyLedger
+from fedge.privacy.accountant import PrivacyLedger, TargetUnreachable, noise_multiplier_for
 from fedge.privacy.clipping import AdaptiveClipping, global_norm
 from fedge.privacy.noise import (
     add_central_noise,
@@ -51,6 +55,14 @@ class ServerPrivacy:
         self.adaptive: AdaptiveClipping | None = None
         self.stop_reason: str | None = None
         self.sample_rate = 0.0
+        self._sigma: float | None = None if self._planned_target() else config.dp_noise_multiplier
+
+    @property
+    def noise_multiplier(self) -> float:
+        """σ: dp-noise-multiplier, or what dp-target-epsilon gave at the first round."""
+        if self._sigma is None:
+            raise RuntimeError("σ comes from dp-target-epsilon when the first round starts")
+        return self._sigma
 
     @property
     def clip_norm(self) -> float:
@@ -60,7 +72,7 @@ class ServerPrivacy:
         """What clients need this round: the clip norm and, distributed, their noise share."""
         settings: dict[str, float | int] = {CLIP_KEY: self.clip_norm}
         if self.mode == "distributed":
-            settings[NOISE_MULTIPLIER_KEY] = self.config.dp_noise_multiplier
+            settings[NOISE_MULTIPLIER_KEY] = self.noise_multiplier
             settings[MIN_CLIENTS_KEY] = self.min_clients
         return settings
 
@@ -69,7 +81,7 @@ class ServerPrivacy:
         if self.mode != "distributed":
             return 0.0
         return distributed_noise_stddev(
-            noise_multiplier=self.config.dp_noise_multiplier,
+            noise_multiplier=self.noise_multiplier,
             clip_norm=self.clip_norm,
             min_clients=self.min_clients,
         )
@@ -84,25 +96,61 @@ class ServerPrivacy:
         self.fewest_contributors = threshold
         self.min_clients = self.config.dp_min_clients or threshold
 
-    def worst_case_noise_multiplier(self) -> float:
-        sigma = self.config.dp_noise_multiplier
+    def _worst_case_factor(self) -> float:
+        """The smallest realized σ per unit of σ: below 1 only for distributed noise
+        provisioned (`dp-min-clients`) for more survivors than a round may end with."""
         if self.mode != "distributed":
-            return sigma
+            return 1.0
         return min(
-            sigma,
+            1.0,
             realized_noise_multiplier(
-                noise_multiplier=sigma,
+                noise_multiplier=1.0,
                 min_clients=self.min_clients,
                 num_contributors=self.fewest_contributors,
             ),
         )
 
+    def worst_case_noise_multiplier(self) -> float:
+        return self.noise_multiplier * self._worst_case_factor()
+
+    def _calibrate(self, server_round: int) -> float:
+        """σ from dp-target-epsilon for every round still planned, at this round's q.
+
+        Calibrated for the worst-case realized σ, so ε stays within the target however
+        many clients drop (distributed noise then ends below it). A later round with a
+        larger q than this one's is refused by the budget, never overspent.
+        """
+        target, delta = self.config.dp_target_epsilon, self.config.dp_delta
+        rounds = self.config.num_server_rounds - server_round + 1
+        try:
+            worst = noise_multiplier_for(
+                target, delta=delta, sample_rate=self.sample_rate, steps=rounds
+            )
+        except TargetUnreachable as error:
+            raise ConfigError(f"dp-target-epsilon: {error}") from None
+        factor = self._worst_case_factor()
+        sigma = worst / factor
+        while sigma * factor < worst:  # never a rounding ulp below what the target allows
+            sigma = math.nextafter(sigma, math.inf)
+        log(
+            INFO,
+            "fedge: dp-target-epsilon=%g: σ=%.4g for %s rounds at q=%.4g, δ=%g",
+            target,
+            sigma,
+            rounds,
+            self.sample_rate,
+            delta,
+        )
+        return sigma
+
     def start_round(self, server_round: int, num_sampled: int, num_nodes: int) -> None:
         """Refuse (raise `BudgetExhausted`) a round that could push ε past the budget,
         checked with the smallest noise the round could end up with."""
         self.sample_rate = num_sampled / max(num_nodes, 1)
+        if self._sigma is None:
+            self._sigma = self._calibrate(server_round)
         if self.adaptive is None and self.config.dp_adaptive_clipping:
-            sigma = self.config.dp_noise_multiplier
+            sigma = self.noise_multiplier
             count_stddev = self.config.dp_count_stddev or AdaptiveClipping.default_count_stddev(
                 num_sampled, sigma
             )
@@ -113,7 +161,7 @@ class ServerPrivacy:
                 self.config.dp_target_quantile,
                 self.config.dp_clip_learning_rate,
             )
-        budget = self.config.dp_max_epsilon
+        budget = self.config.dp_budget
         if budget > 0 and self.ledger.would_exceed(
             max_epsilon=budget,
             noise_multiplier=self.worst_case_noise_multiplier(),
@@ -121,10 +169,13 @@ class ServerPrivacy:
         ):
             self.stop_reason = (
                 f"privacy budget: round {server_round} would take ε from "
-                f"{self.ledger.epsilon():.4g} past dp-max-epsilon={budget:g} "
+                f"{self.ledger.epsilon():.4g} past {self._budget_name()}={budget:g} "
                 f"(δ={self.config.dp_delta:g})"
             )
             raise BudgetExhausted(self.stop_reason)
+
+    def _budget_name(self) -> str:
+        return "dp-max-epsilon" if self.config.dp_max_epsilon else "dp-target-epsilon"
 
     def clip_violation(self, update: NamedArrays) -> str | None:
         """A client that did not clip is dropped, whatever its reason."""
@@ -135,7 +186,7 @@ class ServerPrivacy:
 
     def central_noise(self, summed: NamedArrays) -> NamedArrays:
         """Noise for Σ clipped Δ_k; with adaptive clipping σ grows to pay for the count."""
-        sigma = self.config.dp_noise_multiplier
+        sigma = self.noise_multiplier
         if self.adaptive is not None:
             sigma = self.adaptive.update_noise_multiplier(sigma)
         return add_central_noise(summed, noise_multiplier=sigma, clip_norm=self.clip_norm)
@@ -144,7 +195,7 @@ class ServerPrivacy:
         self, server_round: int, num_contributors: int, num_sampled: int, unclipped: int
     ) -> float:
         """Account the round with the noise actually added; returns ε so far."""
-        sigma = self.config.dp_noise_multiplier
+        sigma = self.noise_multiplier
         if self.mode == "distributed":
             sigma = realized_noise_multiplier(
                 noise_multiplier=sigma,
@@ -190,6 +241,8 @@ class ServerPrivacy:
         return {
             "ledger": self.ledger.to_dict(),
             "adaptive": self.adaptive.to_dict() if self.adaptive else None,
+            "noise_multiplier": self._sigma,
+            "target_epsilon": self._planned_target(),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -199,9 +252,30 @@ class ServerPrivacy:
                 f"dp-delta={self.config.dp_delta:g} but this run's ε is accounted at "
                 f"δ={ledger.delta:g}; resume with dp-delta={ledger.delta:g}"
             )
+        self._restore_sigma(state)
         self.ledger = ledger
         if state.get("adaptive"):
             self.adaptive = AdaptiveClipping.from_dict(state["adaptive"])
+
+    def _restore_sigma(self, state: dict[str, Any]) -> None:
+        """A run keeps the σ its dp-target-epsilon gave it; the target (hence the
+        budget it implies) cannot be added, changed or dropped on resume."""
+        if self.mode == "none":
+            return
+        target = self._planned_target()
+        before = state.get("target_epsilon") or 0.0
+        if before != target:
+            planned = f"dp-target-epsilon={before:g}" if before else "dp-noise-multiplier"
+            raise ConfigError(
+                f"dp-target-epsilon={target:g}, but this run was planned with {planned}; "
+                "resume with the run's own setting: ε already spent cannot be re-planned"
+            )
+        if target:
+            self._sigma = float(state["noise_multiplier"])
+
+    def _planned_target(self) -> float:
+        """The target σ was calibrated for (0: σ is dp-noise-multiplier)."""
+        return self.config.dp_target_epsilon if self.mode != "none" else 0.0
 
     def resume(
         self, state: dict[str, Any] | None, rounds_done: int, previous_mode: str | None
@@ -248,12 +322,14 @@ class ServerPrivacy:
             "guarantee": self.guarantee(),
             "rounds_without_dp": self.rounds_without_dp(),
             "mode": self.mode,
-            "noise_multiplier": self.config.dp_noise_multiplier,
+            "noise_multiplier": self._sigma,
+            "target_epsilon": self._planned_target() or None,
+            "planned_rounds": self.config.num_server_rounds,
             "clipping_norm": self.config.dp_clipping_norm,
             "adaptive_clipping": self.config.dp_adaptive_clipping,
             "final_clipping_norm": self.clip_norm,
             "delta": self.ledger.delta,
-            "max_epsilon": self.config.dp_max_epsilon or None,
+            "max_epsilon": self.config.dp_budget or None,
             "min_clients": self.min_clients if self.mode == "distributed" else None,
             "accountant": "opacus RDP",
             "epsilon": epsilon if math.isfinite(epsilon) else None,
