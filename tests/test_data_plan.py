@@ -130,6 +130,8 @@ def test_the_serverapp_refuses_a_plan_for_its_nodes_before_round_one(tmp_path: P
     with pytest.raises(ConfigError, match="300 clients"):
         _server(tmp_path, grid)
     assert grid.train_rounds == 0
+    failure = json.loads((tmp_path / "run" / FAILURE_REPORT).read_text())
+    assert failure["error"] == "ConfigError" and "Fix: " in failure["reason"]
 
 
 @pytest.mark.parametrize("secagg", [False, True])

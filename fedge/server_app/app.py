@@ -197,9 +197,6 @@ def run(grid: Grid, config: FedgeConfig, folder: RunFolder) -> None:
     arrays = state_to_numpy(build_model(spec))
     privacy = ServerPrivacy(config)
     strategy = build_strategy(config, spec, bundle, privacy)
-    strategy.wait_for_nodes(grid)
-    # Simulated and `fedge deploy local` nodes split the pool among all of them
-    check_data_plan(config, bundle, len(list(grid.get_node_ids())))
     (folder.path / FAILURE_REPORT).unlink(missing_ok=True)  # a resumed run's old failure
     if config.resume:
         arrays = resume(folder, strategy, privacy, config, bundle)
@@ -215,6 +212,9 @@ def run(grid: Grid, config: FedgeConfig, folder: RunFolder) -> None:
     remaining = config.num_server_rounds - strategy.rounds_done
     if remaining > 0:
         try:
+            strategy.wait_for_nodes(grid)
+            # Simulated and `fedge deploy local` nodes split the pool among all of them
+            check_data_plan(config, bundle, len(list(grid.get_node_ids())))
             strategy.start(
                 grid=responsive(grid),
                 initial_arrays=to_array_record(arrays),
