@@ -26,6 +26,7 @@ from fedge.client_app.protocol import (
     REPLY_KEY,
     UNCLIPPED_KEY,
     WEIGHT_KEY,
+    model_digest,
 )
 from fedge.edge.broadcast import BACKBONE_KEY
 from fedge.edge.head import HEAD_BIAS, HEAD_WEIGHT
@@ -37,7 +38,12 @@ from fedge.server_app.polling import destinations, replying_node
 from fedge.server_app.privacy import ServerPrivacy
 from fedge.server_app.robust import InfluenceBound, SecureBounds
 from fedge.server_app.secure_round import KeyedRound, SecAggSettings, SecureRound
-from fedge.server_app.validation import DEFAULT_MAX_NUM_EXAMPLES, CheckedReply, check_reply
+from fedge.server_app.validation import (
+    DEFAULT_MAX_NUM_EXAMPLES,
+    CheckedReply,
+    check_reply,
+    masked_upload_reason,
+)
 
 
 @dataclass
@@ -109,6 +115,8 @@ class FedgeAvg(FedAvg):
         self.train_messages: list[Message] = []
         self.velocity: NamedArrays | None = None
         self.current_arrays: NamedArrays = {}
+        self.current_round = 0  # the absolute round the current arrays were sent for
+        self.current_digest = ""  # their model_digest, which tagged replies must match
         self.report = RoundReport()
 
     def absolute_round(self, server_round: int) -> int:
@@ -118,12 +126,13 @@ class FedgeAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.current_arrays = from_array_record(arrays)
+        self.current_digest = model_digest(self.current_arrays)
         self.report = RoundReport()
         self.wait_for_nodes(grid)
         config[REPLY_KEY] = "update"
         config[MAX_EXAMPLES_KEY] = self.max_num_examples
         self.add_edge_backbone(config, self.current_arrays)
-        absolute = self.absolute_round(server_round)
+        absolute = self.current_round = self.absolute_round(server_round)
         messages = list(super().configure_train(absolute, arrays, config, grid))
         self.report.num_sampled = len(messages)
         # Every message shares `config`, so settings written now still reach all of them.
@@ -185,12 +194,37 @@ class FedgeAvg(FedAvg):
         checked, reason = check_reply(
             reply,
             self.current_arrays,
+            server_round=self.current_round,
+            digest=self.current_digest,
             max_num_examples=self.max_num_examples,
             partial_names=self.partial_names,
+            untagged_refused=self.untagged_refusal(),
         )
         if checked is not None and checked.update is not None and self.privacy is not None:
             reason = self.privacy.clip_violation(checked.update)
         return (checked, None) if reason is None else (None, reason)
+
+    def untagged_refusal(self) -> str | None:
+        """Why this run cannot take untagged (stock Flower ClientApp) replies, or None."""
+        if self.secagg is not None:
+            return "under SecAgg+ only fedge's ClientApp takes part (the masked vector is fedge's)"
+        if self.privacy is not None and self.privacy.mode == "distributed":
+            return "under distributed DP each client must add its noise share, as fedge's does"
+        return None
+
+    def secure_tag_violations(self, replies: list[Message]) -> dict[int, str]:
+        """The nodes whose masked upload is not tagged as this round's update, with why."""
+        sent = destinations(self.train_messages)
+        refused = {}
+        for reply in replies:
+            if reply.has_error():
+                continue  # the protocol books it as a dropout
+            reason = masked_upload_reason(
+                reply.content, self.current_round, self.current_digest, self.untagged_refusal()
+            )
+            if reason is not None:
+                refused[replying_node(reply, sent)] = reason
+        return refused
 
     @staticmethod
     def origin_violation(
@@ -302,16 +336,24 @@ class FedgeAvg(FedAvg):
     def aggregate_secure(self, server_round: int, replies: Iterable[Message]) -> ArrayRecord | None:
         """Unmask the sum Σ n_k·Δ_k; no per-client update or metric is ever seen."""
         assert self.secure_round is not None
+        replies = list(replies)
+        refused = self.secure_tag_violations(replies)
+        for node, reason in refused.items():
+            log(WARNING, "Dropped reply from node %s: %s", node, reason)
+        sent = destinations(self.train_messages)
+        replies = [reply for reply in replies if replying_node(reply, sent) not in refused]
         try:
-            result = self.secure_round.close(replies, destinations(self.train_messages))
+            result = self.secure_round.close(replies, sent)
         except SecAggAbort as abort:
+            self.report.rejected = refused
+            self.report.num_rejected = len(refused)
             self.skip(server_round, f"SecAgg round aborted: {abort}")
             return None
         finally:
             self.keyed_round = self.secure_round.next_round
         self.report.num_replies = result.num_clients
-        self.report.num_rejected = len(result.dropped)
-        self.report.rejected = dict(result.dropped)
+        self.report.rejected = {**result.dropped, **refused}
+        self.report.num_rejected = len(self.report.rejected)
         if not self.enough(server_round, result.num_clients):
             return None
         problem = self.secure_bounds().problem(
