@@ -206,10 +206,8 @@ class FedgeAvg(FedAvg):
 
     def untagged_refusal(self) -> str | None:
         """Why this run cannot take untagged (stock Flower ClientApp) replies, or None."""
-        if self.secagg is not None:
+        if self.secagg is not None:  # distributed DP runs only under SecAgg+ (fedge.config)
             return "under SecAgg+ only fedge's ClientApp takes part (the masked vector is fedge's)"
-        if self.privacy is not None and self.privacy.mode == "distributed":
-            return "under distributed DP each client must add its noise share, as fedge's does"
         return None
 
     def secure_tag_violations(self, replies: list[Message]) -> dict[int, str]:

@@ -224,7 +224,8 @@ def as_update(
     weights: NamedArrays, reference: NamedArrays
 ) -> tuple[NamedArrays | None, str | None]:
     """(Δw = w − w_global, None) for full trained weights, or (None, why)."""
-    update = {name: value - reference[name] for name, value in weights.items()}
+    with np.errstate(over="ignore"):  # an overflow is refused below, not warned about
+        update = {name: value - reference[name] for name, value in weights.items()}
     for name, value in update.items():
         if not np.isfinite(value).all():
             return None, f"array {name!r} minus the global model overflows"
