@@ -277,19 +277,31 @@ def _peak_during(call: Callable[[], object]) -> int:
         tracemalloc.stop()
 
 
-@pytest.mark.parametrize("kind", ["previous round", "another model", "carries an int"])
-def test_a_bad_tag_is_refused_before_any_array_is_decoded(kind: str) -> None:
-    big = {"w": np.ones(4_000_000, np.float32)}  # 16 MB: decoding it would copy 16 MB
-    make_tag, reason = REFUSED_TAGS[kind]
-    tag = make_tag()
-    if kind != "carries an int":  # the same refusal, for this model
-        tag = update_tag({"server-round": 0 if kind == "previous round" else 1}, OTHER_MODEL)
-    bad = answer(1, big, tag)
-    strategy = FedgeAvg(min_train_nodes=1, min_available_nodes=1)
-    strategy.configure_train(1, to_array_record(big), ConfigRecord(), NodeGrid(NODES))
-    peak = _peak_during(lambda: strategy.aggregate_train(1, [bad]))
-    assert reason.split(":")[0] in strategy.report.rejected[1]
-    assert peak < 2_000_000, peak
+BIG = {"w": np.ones(4_000_000, np.float32)}  # 16 MB: decoding it copies 16 MB
+
+
+@pytest.mark.parametrize(
+    ("tag", "reason"),
+    [
+        (update_tag({"server-round": 0}, BIG), "stale"),
+        (update_tag({"server-round": 1}, {"w": BIG["w"] + 1}), "another global model"),
+        (update_tag({"server-round": 1}, BIG, carries="x" * 1_000_000), CARRIES_KEY),
+        (None, None),  # the control: a well-tagged reply is decoded
+    ],
+    ids=["stale", "another model", "1 MB carries", "well-tagged"],
+)
+def test_a_bad_tag_is_refused_before_any_array_is_decoded(
+    tag: ConfigRecord | None, reason: str | None
+) -> None:
+    strategy = FedgeAvg(min_train_nodes=2, min_available_nodes=1)
+    strategy.configure_train(1, to_array_record(BIG), ConfigRecord(), NodeGrid(NODES))
+    reply = answer(1, BIG, tag or update_tag({"server-round": 1}, BIG))
+    peak = _peak_during(lambda: strategy.aggregate_train(1, [reply]))
+    if reason is None:
+        assert strategy.report.rejected == {} and peak > BIG["w"].nbytes, peak
+    else:
+        assert reason in strategy.report.rejected[1]
+        assert peak < BIG["w"].nbytes / 8, peak
 
 
 # --- a lie in the tag is still bounded by the influence bounds ---------------------------

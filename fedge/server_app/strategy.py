@@ -198,17 +198,10 @@ class FedgeAvg(FedAvg):
             digest=self.current_digest,
             max_num_examples=self.max_num_examples,
             partial_names=self.partial_names,
-            untagged_refused=self.untagged_refusal(),
         )
         if checked is not None and checked.update is not None and self.privacy is not None:
             reason = self.privacy.clip_violation(checked.update)
         return (checked, None) if reason is None else (None, reason)
-
-    def untagged_refusal(self) -> str | None:
-        """Why this run cannot take untagged (stock Flower ClientApp) replies, or None."""
-        if self.secagg is not None:  # distributed DP runs only under SecAgg+ (fedge.config)
-            return "under SecAgg+ only fedge's ClientApp takes part (the masked vector is fedge's)"
-        return None
 
     def secure_tag_violations(self, replies: list[Message]) -> dict[int, str]:
         """The nodes whose masked upload is not tagged as this round's update, with why."""
@@ -217,9 +210,7 @@ class FedgeAvg(FedAvg):
         for reply in replies:
             if reply.has_error():
                 continue  # the protocol books it as a dropout
-            reason = masked_upload_reason(
-                reply.content, self.current_round, self.current_digest, self.untagged_refusal()
-            )
+            reason = masked_upload_reason(reply.content, self.current_round, self.current_digest)
             if reason is not None:
                 refused[replying_node(reply, sent)] = reason
         return refused

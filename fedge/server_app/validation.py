@@ -8,8 +8,8 @@ mismatched one is refused; no tag means Flower's convention, full weights), metr
 then every Array's stype, dtype, shape and byte length against the global model
 (`fedge.records.checked_arrays`), and only then the values (finite). Full weights
 become Δw = w − w_global here, so every later rule (clip check, influence bounds)
-sees an update whatever the client's convention. Any failure
-is a reason string, never an exception, so one client cannot end a round.
+sees an update whatever the client's convention. Any failure is a reason string,
+never an exception, so one client cannot end a round.
 Which nodes may reply at all is the strategy's business (it knows the round).
 """
 
@@ -148,16 +148,15 @@ def reply_carries(
     return carries, None
 
 
-def masked_upload_reason(
-    content: RecordDict, server_round: int, digest: str, untagged_refused: str | None
-) -> str | None:
+def masked_upload_reason(content: RecordDict, server_round: int, digest: str) -> str | None:
     """Why a SecAgg+ masked upload does not answer this round's model as an update, or None.
 
-    Its masked vector is checked by the protocol; this is the tag alone.
+    Its masked vector is checked by the protocol; this is the tag alone. Only fedge's
+    ClientApp can take part (the masked vector is its own), so untagged means refused.
     """
     carries, reason = reply_carries(content, server_round, digest)
     if carries == CARRIES_WEIGHTS:
-        return f"untagged reply (Flower's full-weights convention): {untagged_refused}"
+        return "untagged reply: under SecAgg+ only fedge's ClientApp takes part"
     if carries is not None and carries != CARRIES_UPDATE:
         return f"a masked upload must carry {CARRIES_UPDATE!r}, not {carries!r}"
     return reason
@@ -240,15 +239,13 @@ def check_reply(
     digest: str | None = None,
     max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES,
     partial_names: frozenset[str] | None = None,
-    untagged_refused: str | None = None,
 ) -> tuple[CheckedReply | None, str | None]:
     """(the checked reply, None) if it can be used against `reference`, else (None, why).
 
     `reference` is the global model sent for `server_round`; `digest` its
     `model_digest` (computed if not given). `partial_names`: the arrays edge clients
     train, or None when the run has no edge clients (then no partial update is
-    accepted). `untagged_refused`: why this run refuses untagged (stock Flower)
-    replies, or None to convert their weights to an update. A declined reply
+    accepted). An untagged reply's weights become an update. A declined reply
     (local privacy budget spent) carries no arrays and comes back with update None.
     """
     if reply.has_error():
@@ -258,8 +255,6 @@ def check_reply(
     )
     if metric_record is None:
         return None, reason
-    if carries == CARRIES_WEIGHTS and untagged_refused is not None:
-        return None, f"untagged reply (Flower's full-weights convention): {untagged_refused}"
     metrics, reason = checked_metrics(metric_record, max_num_examples)
     if reason is not None:
         return None, reason
