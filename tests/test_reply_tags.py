@@ -199,7 +199,7 @@ def test_a_stock_reply_is_converted_to_an_update_and_averaged_exactly() -> None:
     assert_close(model, expected(updates, [weight_of(node) for node in NODES]))
 
 
-def test_a_federation_of_stock_clients_learns_the_mean_not_the_sum() -> None:
+def test_stock_replies_alone_move_the_model_by_their_mean_update_not_their_weights() -> None:
     updates = [delta(node) for node in NODES]
     replies = [
         answer(node, {n: GLOBAL[n] + updates[i][n] for n in GLOBAL}, None)
