@@ -1,4 +1,5 @@
-"""The `fedge` command: export, edge runtime, certificates, deployments and node state.
+"""The `fedge` command: config check and run, export, edge runtime, certificates, deployments
+and node state.
 
 Each command group registers itself from its own module; this file only
 assembles them, so installing just `fedge[edge]` still gives working edge commands.
@@ -38,20 +39,28 @@ def reports_errors(command: Command) -> Command:
 
 
 COMMAND_GROUPS = (
-    ("fedge.edge.export_command", "register_export"),
-    ("fedge.edge.commands", "register"),
-    ("fedge.deploy.commands", "register"),
-    ("fedge.client_app.node_commands", "register"),
+    ("fedge.check", "register", ("check",)),
+    ("fedge.flwr_run", "register", ("run",)),
+    ("fedge.edge.export_command", "register_export", ("export",)),
+    ("fedge.edge.commands", "register", ("edge",)),
+    ("fedge.deploy.commands", "register", ("certs", "deploy")),
+    ("fedge.client_app.node_commands", "register", ("node",)),
 )
+"""(module, its register function, the commands it adds): `fedge <command>` imports only
+the module that adds <command>, so `fedge check` answers before sklearn or torch load."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser for `command` alone when one of the groups adds it, else for all of them."""
     parser = argparse.ArgumentParser(
         prog="fedge",
         description="fedge: federated learning on Flower with SecAgg+, DP and edge export",
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for module_name, function in COMMAND_GROUPS:
+    known = any(command in commands for _, _, commands in COMMAND_GROUPS)
+    for module_name, function, commands in COMMAND_GROUPS:
+        if known and command not in commands:
+            continue
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:  # e.g. an edge-only install without torch
@@ -63,7 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv[0] if argv else None)
+    args, unknown = parser.parse_known_args(argv)
+    if getattr(args, "passes_flwr_args", False):
+        args.flwr_args = argv[1:]  # verbatim: `flwr run` reads them again
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return int(args.func(args))
 
 

@@ -8,14 +8,15 @@ naming the key and what it accepts, before any training starts.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flwr.app import Context
-
-from fedge.privacy.clipping import AdaptiveClipping
+if TYPE_CHECKING:  # Flower (and numpy) would make `fedge check` take a second, not 0.1 s
+    from flwr.app import Context
 
 
 class ConfigError(ValueError):
@@ -58,6 +59,9 @@ class FedgeConfig:
     min_available_nodes: int = _opt(2, "nodes online before any round starts (waits)", low=1)
     round_timeout: float = _opt(
         600.0, "seconds to wait for replies per stage", low=0, low_open=True
+    )
+    max_failed_rounds: int = _opt(
+        3, "stop after this many rounds in a row where every reply failed alike; 0 = never", low=0
     )
     # Client training
     local_epochs: int = _opt(3, "local epochs per round", low=1)
@@ -104,7 +108,10 @@ class FedgeConfig:
         low_open=True,
     )
     # Data and model
-    dataset: str = _opt("digits", "digits, breast-cancer, a folder path, or hf:<id>")
+    dataset: str = _opt("digits", "digits, breast-cancer, a folder or .csv/.npz path, or hf:<id>")
+    label_column: str = _opt("label", "CSV: the target column (numbers or class names)")
+    id_column: str = _opt("", "CSV: a row-id column to leave out of the features")
+    feature_columns: str = _opt("", "CSV: comma list of feature columns; empty = all others")
     partitioner: str = _opt(
         "dirichlet", "how the pool is split", choices=("iid", "dirichlet", "pathological")
     )
@@ -181,6 +188,11 @@ class FedgeConfig:
     export_quantization: str = _opt(
         "static", "int8 scheme for export-onnx", choices=("static", "dynamic")
     )
+    tracking: str = _opt(
+        "",
+        "also log every metrics.jsonl field per round to TensorBoard or MLflow; empty = off",
+        choices=("", "tensorboard", "mlflow"),
+    )
     output_dir: str = _opt("outputs", "results folder (relative: see resolve_path)")
     run_name: str = _opt("", "subfolder of output-dir; empty = a timestamp")
     resume: bool = _opt(False, "continue the run in output-dir/run-name from its checkpoint")
@@ -199,8 +211,8 @@ class FedgeConfig:
         for key, raw in run_config.items():
             name = key.replace("-", "_")
             if name not in fields:
-                known = ", ".join(sorted(k.replace("_", "-") for k in fields))
-                raise ConfigError(f"unknown run-config key {key!r}; known keys: {known}")
+                known = (k.replace("_", "-") for k in fields)
+                raise ConfigError(f"unknown run-config key {key!r}; {did_you_mean(key, known)}")
             values[name] = _check(key, raw, fields[name])
         config = cls(**values)
         config._check_consistency()
@@ -224,6 +236,8 @@ class FedgeConfig:
                 "each noised update"
             )
         if self.dp_adaptive_clipping and self.dp_count_stddev:
+            from fedge.privacy.clipping import AdaptiveClipping  # numpy: only when needed
+
             try:
                 AdaptiveClipping.check_count_stddev(self.dp_count_stddev, self.dp_noise_multiplier)
             except ValueError as error:
@@ -254,6 +268,13 @@ class FedgeConfig:
     def to_run_config(self) -> dict[str, Any]:
         """Kebab-case dict, as in pyproject.toml (also what a checkpoint records)."""
         return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+
+def did_you_mean(key: str, known: Iterable[str]) -> str:
+    """The closest known key (a typo is the usual cause), else all of them, on one line."""
+    known = sorted(known)
+    close = difflib.get_close_matches(key.replace("_", "-"), known, n=1)
+    return f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
 
 
 def _check(key: str, raw: Any, spec: dataclasses.Field[Any]) -> Any:

@@ -355,11 +355,12 @@ def test_missing_folder_and_unknown_name_are_rejected(tmp_path: Path) -> None:
     assert "hf:" in str(info.value)
 
 
-def test_negative_labels_are_rejected(tmp_path: Path) -> None:
+def test_negative_labels_are_classes_like_any_other(tmp_path: Path) -> None:
     x, y = tabular(20, 2, 2, seed=10)
     write_csv(tmp_path / "data.csv", x, y - 1)
-    with pytest.raises(ValueError, match="negative labels"):
-        load_dataset(str(tmp_path), 0.2, SEED)
+    bundle = load_dataset(str(tmp_path), 0.2, SEED)
+    assert bundle.class_names == ("-1", "0") and bundle.num_classes == 2
+    assert set(bundle.y_train) | set(bundle.y_test) == {0, 1}
 
 
 # --- Hugging Face ids -------------------------------------------------------------------

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+
+from fedge.data.tabular import DEFAULT_COLUMNS, TableColumns
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,24 @@ class DatasetBundle:
     source_digest: str = ""
     """sha256 of the source pools before any split: which data this is, whatever the
     split settings (keys a node's local-DP ledger; checked when a run resumes)."""
+    class_names: tuple[str, ...] = ()
+    """The source's label values, in class-index order (`encode_classes`)."""
+    input_convention: dict[str, Any] = field(default_factory=dict)
+    """Shape, scaling and (images) polarity of a model input; recorded in export.json."""
+    test_fraction: float = 0.2
+    seed: int = 0
+    columns: TableColumns = DEFAULT_COLUMNS
+
+    def provenance(self) -> dict[str, Any]:
+        """What a saved model records about its data: enough for `fedge export` to reload
+        the same split and columns, and the class names its outputs mean."""
+        return {
+            "dataset": self.name,
+            "test_fraction": self.test_fraction,
+            "seed": self.seed,
+            **self.columns.to_provenance(),
+            "class_names": list(self.class_names),
+        }
 
     @property
     def input_shape(self) -> tuple[int, ...]:

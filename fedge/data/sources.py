@@ -1,16 +1,20 @@
 """Where data comes from: bundled sklearn sets, local folders, Hugging Face ids.
 
-Each loader returns raw `(x, y)` pools (or predefined train/test pools) as
-float32/int64 arrays; `load_dataset` turns them into a `DatasetBundle`.
+Each loader returns raw `(x, y)` pools (or predefined train/test pools): float32
+features and labels as stored (integers or class-name strings); `load_dataset`
+maps the labels to class indices and turns them into a `DatasetBundle`.
 """
 
 from __future__ import annotations
 
 import gzip
 import struct
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+
+from fedge.data.tabular import DEFAULT_COLUMNS, TableColumns, read_csv, read_npz
 
 Pools = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
 """x, y and, when the source ships one, a predefined test split (x_test, y_test)."""
@@ -80,35 +84,6 @@ def _load_idx_folder(folder: Path) -> Pools | None:
     return pool[0], pool[1], None, None
 
 
-def _load_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, encoding="utf-8") as handle:
-        header = handle.readline().strip().split(",")
-    if "label" not in header:
-        raise ValueError(f"{path} needs a 'label' column; its columns are {header}")
-    table = np.genfromtxt(path, delimiter=",", skip_header=1, dtype=np.float64)
-    table = table.reshape(-1, len(header))
-    if np.isnan(table).any():
-        raise ValueError(f"{path} has empty or non-numeric cells; fedge reads numeric CSVs only")
-    label_col = header.index("label")
-    y = table[:, label_col].astype(np.int64)
-    x = np.delete(table, label_col, axis=1).astype(np.float32)
-    return x, y
-
-
-def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(path) as archive:
-        if "x" not in archive or "y" not in archive:
-            raise ValueError(f"{path} needs arrays 'x' and 'y'; it has {sorted(archive.files)}")
-        x, y = archive["x"], archive["y"]
-    if len(x) != len(y):
-        raise ValueError(f"{path}: x has {len(x)} rows but y has {len(y)}")
-    if x.dtype == np.uint8:
-        x = x / 255.0
-    if x.ndim == 3:  # (N, H, W) grayscale images
-        x = x[:, None]
-    return x.astype(np.float32), y.astype(np.int64)
-
-
 def _split_named(folder: Path, suffix: str, loader) -> Pools | None:  # type: ignore[no-untyped-def]
     files = sorted(folder.glob(f"*{suffix}"))
     if not files:
@@ -128,22 +103,35 @@ def _split_named(folder: Path, suffix: str, loader) -> Pools | None:  # type: ig
     return x, y, None, None
 
 
-def load_folder_pool(folder: Path) -> Pools:
-    """A local folder with IDX files, a CSV with a `label` column, or an `.npz`."""
+READERS = {".npz": read_npz, ".csv": read_csv}
+
+
+def load_folder_pool(folder: Path, columns: TableColumns = DEFAULT_COLUMNS) -> Pools:
+    """A local folder with IDX files, a CSV (target in `columns.label`) or an `.npz`;
+    or the path of one such CSV / .npz file."""
+    if folder.is_file() and folder.suffix.lower() in READERS:
+        x, y = READERS[folder.suffix.lower()](folder, columns)
+        return x, y, None, None
     if not folder.is_dir():
-        raise FileNotFoundError(f"dataset folder {folder} does not exist")
-    for attempt in (
-        lambda: _load_idx_folder(folder),
-        lambda: _split_named(folder, ".npz", _load_npz),
-        lambda: _split_named(folder, ".csv", _load_csv),
-    ):
-        pools = attempt()
+        raise FileNotFoundError(
+            f"dataset {folder} is neither a folder nor a .csv / .npz file that exists"
+        )
+    pools = _load_idx_folder(folder)
+    if pools is not None:
+        if not columns.is_default:
+            raise ValueError(
+                f"{folder} holds IDX files, which have no named columns; leave label-column, "
+                "id-column and feature-columns at their defaults"
+            )
+        return pools
+    for suffix, reader in READERS.items():
+        pools = _split_named(folder, suffix, partial(reader, columns=columns))
         if pools is not None:
             return pools
     raise ValueError(
         f"{folder} holds no dataset fedge can read: expected MNIST IDX files "
-        "(*-images-idx3-ubyte[.gz] + *-labels-idx1-ubyte[.gz]), a CSV with a 'label' "
-        "column, or an .npz with arrays 'x' and 'y'"
+        "(*-images-idx3-ubyte[.gz] + *-labels-idx1-ubyte[.gz]), a CSV with a header "
+        f"(target column {columns.label!r}: set label-column), or an .npz with arrays 'x' and 'y'"
     )
 
 

@@ -7,24 +7,30 @@ import json
 from pathlib import Path
 
 from fedge.cli import reports_errors
-from fedge.edge.runtime import EdgeModel, benchmark, load_input
+from fedge.edge.runtime import EdgeModel, ExportInfo, benchmark, load_input
 
 
 @reports_errors
 def _predict(args: argparse.Namespace) -> int:
     model = EdgeModel(args.model, args.threads)
-    proba = model.predict_proba(load_input(args.input, model.sample_shape))
+    info = ExportInfo.beside(args.model)
+    proba = model.predict_proba(load_input(args.input, model.sample_shape, info))
+    if info is not None:
+        info.check_outputs(proba.shape[1], args.model)
     classes = proba.argmax(axis=1)
+    names = info.class_names if info is not None and info.class_names else None
+    labels = [names[c] if names else str(c) for c in classes]
     if args.json:
         result = {
             "model": str(args.model),
             "input": str(args.input),
             "predictions": classes.tolist(),
+            "labels": labels,
             "confidence": [round(float(p), 4) for p in proba.max(axis=1)],
         }
         print(json.dumps(result))
     else:
-        print("\n".join(str(c) for c in classes))
+        print("\n".join(labels))
     return 0
 
 
@@ -40,7 +46,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     edge = subparsers.add_parser("edge", help="run exported ONNX models (no torch needed)")
     commands = edge.add_subparsers(dest="edge_command", required=True)
 
-    predict = commands.add_parser("predict", help="print the predicted class of each input")
+    predict = commands.add_parser(
+        "predict",
+        help="print the predicted class of each input (names and input convention from the "
+        "export.json beside the model)",
+    )
     predict.add_argument("model", type=Path, help="ONNX file, e.g. OUT/model.int8.onnx")
     predict.add_argument(
         "--input", required=True, type=Path, help=".npy array (one sample or a batch) or image"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,17 +86,26 @@ def export_model(
     per_channel: bool = False,
     latency_repeats: int = 50,
     opset: int = DEFAULT_OPSET,
+    class_names: Sequence[str] = (),
+    input_convention: dict[str, Any] | None = None,
 ) -> dict[str, object]:
     """Export `checkpoint` into `out_dir`, evaluate every variant, write and return export.json.
 
     `x_calib` (a few hundred representative inputs, disjoint from `x_eval` so accuracy
     stays honest) calibrates static quantization; `x_eval`/`y_eval` is the held-out split
-    that accuracy, agreement and latency are measured on.
+    that accuracy, agreement and latency are measured on. `class_names` (what each output
+    means) and `input_convention` (shape, scaling, polarity) go into export.json for
+    `fedge edge predict`.
     """
     check_quantization(quantization, x_calib)
     # A writable float32 copy: torch warns on (and may not share) read-only arrays.
     x_eval = np.array(x_eval, dtype=np.float32)
     model, spec = load_model(checkpoint)
+    if class_names and len(class_names) != spec.num_classes:
+        raise ValueError(
+            f"{len(class_names)} class names for a model with {spec.num_classes} outputs; "
+            "pass the dataset the model was trained on"
+        )
     if x_eval.shape[1:] != spec.input_shape or len(x_eval) != len(y_eval) or not len(x_eval):
         raise ValueError(
             f"eval data {x_eval.shape} with {len(y_eval)} labels does not fit the checkpoint's "
@@ -149,6 +158,8 @@ def export_model(
     report: dict[str, object] = {
         "checkpoint": str(checkpoint),
         "model": spec.to_dict(),
+        "class_names": list(class_names) or None,
+        "input": input_convention,
         "opset": opset,
         "quantization": method,
         "per_channel": per_channel,
@@ -188,12 +199,15 @@ def export_for_dataset(
     **options: Any,
 ) -> dict[str, object]:
     """`export_model` with calibration drawn from the training pool and evaluation on
-    the held-out split, which calibration therefore never sees."""
+    the held-out split, which calibration therefore never sees; the bundle's class names
+    and input convention go into export.json."""
     if calibration_samples < 1:
         raise ValueError(f"calibration samples must be >= 1, got {calibration_samples}")
     rng = np.random.default_rng(seed)
     count = min(calibration_samples, len(bundle.x_train))
     x_calib = bundle.x_train[rng.choice(len(bundle.x_train), size=count, replace=False)]
+    options.setdefault("class_names", bundle.class_names)
+    options.setdefault("input_convention", bundle.input_convention)
     return export_model(
         checkpoint, out_dir, x_calib, bundle.x_test, bundle.y_test, quantization, **options
     )

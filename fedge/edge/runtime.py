@@ -6,15 +6,89 @@ runs on devices where torch is not installed.
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
+from fedge.edge import artifacts
+
+log = logging.getLogger(__name__)
+
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
+POLARITIES = ("light-on-dark", "dark-on-light")
+MAX_REPORT_BYTES = 16 << 20
+"""An export.json larger than this (16 MiB) is refused unread."""
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """What export.json says a model's inputs look like and its outputs mean.
+
+    Read from the file beside the model and checked field by field before use: a
+    damaged or hand-edited report fails in one line instead of steering predictions.
+    """
+
+    class_names: tuple[str, ...] = ()
+    polarity: str | None = None
+    """Images: "light-on-dark" (digits, MNIST) or "dark-on-light" (ink on paper)."""
+    value_range: tuple[float, float] | None = None
+    scaling: str = ""
+
+    @classmethod
+    def beside(cls, model_path: Path) -> ExportInfo | None:
+        """The export.json in the model's folder, or None when there is none."""
+        path = Path(model_path).parent / artifacts.REPORT
+        if not path.is_file():
+            return None
+        if path.stat().st_size > MAX_REPORT_BYTES:
+            raise ValueError(f"{path} is larger than {MAX_REPORT_BYTES} bytes; re-export the model")
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+            return cls.from_report(report)
+        except (ValueError, TypeError, KeyError, RecursionError) as error:
+            raise ValueError(
+                f"{path} is not a valid fedge export report ({error}); re-export the model "
+                "with `fedge export`, or remove the file to predict without it"
+            ) from None
+
+    @classmethod
+    def from_report(cls, report: Any) -> ExportInfo:
+        if not isinstance(report, dict):
+            raise TypeError("the report is not a JSON object")
+        names = report.get("class_names") or []
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise TypeError("class_names must be a list of strings")
+        convention = report.get("input") or {}
+        if not isinstance(convention, dict):
+            raise TypeError("input must be an object")
+        polarity = convention.get("polarity")
+        if polarity is not None and polarity not in POLARITIES:
+            raise ValueError(f"input.polarity must be one of {list(POLARITIES)}")
+        bounds = convention.get("value_range")
+        value_range = None
+        if bounds is not None:
+            low, high = (float(v) for v in bounds)
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise ValueError("input.value_range must be two finite numbers, low < high")
+            value_range = (low, high)
+        return cls(tuple(names), polarity, value_range, str(convention.get("scaling", "")))
+
+    def check_outputs(self, num_outputs: int, model_path: Path) -> None:
+        if self.class_names and len(self.class_names) != num_outputs:
+            raise ValueError(
+                f"export.json beside {model_path} names {len(self.class_names)} classes but the "
+                f"model has {num_outputs} outputs; predict with model.onnx / model.int8.onnx "
+                "of the same export"
+            )
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -133,6 +207,65 @@ def _load_npy(path: Path) -> np.ndarray:
     return x.astype(np.float32, copy=False)
 
 
+def image_polarity(pixels: np.ndarray) -> str:
+    """Which way round an image (C, H, W) in [0, 1] is: its border is its background."""
+    gray = pixels.mean(axis=0)
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    return "dark-on-light" if float(np.median(border)) > 0.5 else "light-on-dark"
+
+
+def _adapt_image(pixels: np.ndarray, path: Path, info: ExportInfo | None) -> np.ndarray:
+    """Invert an image whose polarity is the opposite of the model's, and say so."""
+    if info is None or info.polarity is None:
+        log.warning(
+            "%s: the model's input convention is unknown (no export.json with an input "
+            "polarity beside the model), so the image is used as read, [0, 1], its polarity "
+            "unchecked",
+            path,
+        )
+        return pixels
+    seen = image_polarity(pixels)
+    if seen == info.polarity:
+        return pixels
+    log.warning(
+        "%s is %s but the model was trained on %s images (export.json); inverted it",
+        path,
+        seen,
+        info.polarity,
+    )
+    return 1.0 - pixels
+
+
+def _check_array(x: np.ndarray, path: Path, info: ExportInfo | None) -> None:
+    """Warn when a preprocessed array does not look like what the model was trained on."""
+    if info is None or info.value_range is None or not x.size:
+        return
+    low, high = info.value_range
+    margin = (high - low) / 2
+    if float(x.min()) < low - margin or float(x.max()) > high + margin:
+        log.warning(
+            "%s spans [%.4g, %.4g] but the model's inputs spanned [%.4g, %.4g] (%s); "
+            "scale it the same way or predictions will be wrong",
+            path,
+            float(x.min()),
+            float(x.max()),
+            low,
+            high,
+            info.scaling or "see export.json",
+        )
+    if info.polarity is not None and x.ndim == 4:
+        flipped = [i for i, sample in enumerate(x) if image_polarity(sample) != info.polarity]
+        if flipped:
+            log.warning(
+                "%s: samples %s look %s but the model was trained on %s images; invert them "
+                "(1 - x) or predictions will be wrong",
+                path,
+                flipped[:10],
+                "dark-on-light" if info.polarity == "light-on-dark" else "light-on-dark",
+                info.polarity,
+            )
+
+
 def _load_image(path: Path, sample_shape: tuple[int, ...]) -> np.ndarray:
     if len(sample_shape) != 3 or sample_shape[0] not in (1, 3):
         raise ValueError(
@@ -159,11 +292,15 @@ def _load_image(path: Path, sample_shape: tuple[int, ...]) -> np.ndarray:
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
-def load_input(path: Path | str, sample_shape: Sequence[int]) -> np.ndarray:
+def load_input(
+    path: Path | str, sample_shape: Sequence[int], info: ExportInfo | None = None
+) -> np.ndarray:
     """Read a `.npy` array or an image into a float32 batch for a model's input shape.
 
-    Images are converted to grayscale/RGB, resized to (H, W) and scaled to [0, 1]; a
-    single sample (shape == `sample_shape`) gets a batch axis.
+    Images are converted to grayscale/RGB, resized to (H, W), scaled to [0, 1] and, when
+    `info` (the model's export.json) says the model saw the other polarity, inverted;
+    arrays are used as given, with a warning when their range or polarity differs from
+    `info`'s. A single sample (shape == `sample_shape`) gets a batch axis.
     """
     path = Path(path)
     sample_shape = tuple(int(d) for d in sample_shape)
@@ -172,8 +309,9 @@ def load_input(path: Path | str, sample_shape: Sequence[int]) -> np.ndarray:
     suffix = path.suffix.lower()
     if suffix == ".npy":
         x = _load_npy(path)
+        _check_array(x[None] if x.shape == sample_shape else x, path, info)
     elif suffix in IMAGE_SUFFIXES:
-        x = _load_image(path, sample_shape)
+        x = _adapt_image(_load_image(path, sample_shape), path, info)
     else:
         raise ValueError(
             f"unsupported input file {path.name}: use .npy or an image "

@@ -13,6 +13,7 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedge.check import server_config
 from fedge.config import ConfigError, FedgeConfig
 from fedge.data import DatasetBundle
 from fedge.edge.broadcast import backbone_payload
@@ -25,6 +26,7 @@ from fedge.server_app.privacy import BudgetExhausted, ServerPrivacy
 from fedge.server_app.recorder import RoundRecorder
 from fedge.server_app.robust import InfluenceBound
 from fedge.server_app.run_folder import (
+    FAILURE_REPORT,
     PRIVACY_REPORT,
     Checkpoint,
     RunFolder,
@@ -32,7 +34,8 @@ from fedge.server_app.run_folder import (
 )
 from fedge.server_app.secure_round import SecAggSettings
 from fedge.server_app.strategy import FedgeAvg
-from fedge.task import dataset_for, model_spec_for
+from fedge.server_app.tracking import require_tracker
+from fedge.task import check_data_plan, dataset_for, model_spec_for
 
 app = ServerApp()
 
@@ -74,6 +77,7 @@ def build_strategy(
         acceptance=AcceptanceCheck(spec, HeldOut.of(bundle, config.seed), config.accept_tolerance)
         if config.acceptance_on
         else None,
+        max_failed_rounds=config.max_failed_rounds,
     )
 
 
@@ -162,12 +166,7 @@ def write_outputs(
     elif privacy.reports_epsilon():
         log(INFO, "fedge: ε=%.4g at δ=%g", privacy.epsilon(), privacy.ledger.delta)
     final_model = folder.path / "final_model.pt"
-    provenance = {
-        "dataset": bundle.name,
-        "test_fraction": config.test_fraction,
-        "seed": config.seed,
-    }
-    save_model(final_model, spec, arrays, provenance)
+    save_model(final_model, spec, arrays, bundle.provenance())
     if config.export_onnx:
         from fedge.edge.export import export_for_dataset
 
@@ -180,7 +179,8 @@ def write_outputs(
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    config = FedgeConfig.from_context(context)
+    config = server_config(context)  # first: a refused config fails in one log line
+    require_tracker(config.tracking)
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -197,6 +197,10 @@ def run(grid: Grid, config: FedgeConfig, folder: RunFolder) -> None:
     arrays = state_to_numpy(build_model(spec))
     privacy = ServerPrivacy(config)
     strategy = build_strategy(config, spec, bundle, privacy)
+    strategy.wait_for_nodes(grid)
+    # Simulated and `fedge deploy local` nodes split the pool among all of them
+    check_data_plan(config, bundle, len(list(grid.get_node_ids())))
+    (folder.path / FAILURE_REPORT).unlink(missing_ok=True)  # a resumed run's old failure
     if config.resume:
         arrays = resume(folder, strategy, privacy, config, bundle)
     recorder = RoundRecorder(
@@ -222,8 +226,11 @@ def run(grid: Grid, config: FedgeConfig, folder: RunFolder) -> None:
             log(WARNING, "fedge: stopping early: %s", stop)
         except Exception as error:
             write_privacy_report(folder, privacy, f"the ServerApp failed: {error!r}")
+            folder.write_json(FAILURE_REPORT, {"error": type(error).__name__, "reason": str(error)})
+            recorder.close(failed=True)
             raise
         arrays = recorder.last_arrays
     else:
         log(INFO, "fedge: all %s rounds already done", config.num_server_rounds)
+    recorder.close()
     write_outputs(folder, config, privacy, spec, bundle, arrays)

@@ -6,6 +6,8 @@ privacy report (DP runs) and a checkpoint — in that order, so a crash in betwe
 leaves at most a row the checkpoint does not hold, which resume drops before
 re-running that round, and a privacy.json that may be a round ahead of the
 checkpoint but never behind it: a killed ServerApp never under-reports ε.
+The row goes to the run's tracker (`tracking`) last, so a tracker can lose
+nothing that the run folder holds.
 
 Every checkpoint carries the run's ε ledger, DP on or off; a round run without
 DP is accounted here as a noiseless release (see `ServerPrivacy`).
@@ -30,6 +32,7 @@ from fedge.server_app.acceptance import HeldOut
 from fedge.server_app.privacy import ServerPrivacy
 from fedge.server_app.run_folder import PRIVACY_REPORT, Checkpoint, RunFolder, rng_state
 from fedge.server_app.strategy import FedgeAvg
+from fedge.server_app.tracking import Tracking
 
 
 class RoundRecorder:
@@ -48,12 +51,14 @@ class RoundRecorder:
         self.strategy = strategy
         self.privacy = privacy
         self.bundle = bundle
-        self.held_out = HeldOut.of(bundle, FedgeConfig.from_run_config(run_config).seed)
+        config = FedgeConfig.from_run_config(run_config)
+        self.held_out = HeldOut.of(bundle, config.seed)
         self.total_rounds = total_rounds
         self.run_config = run_config
         self.model = build_model(spec)
         self.last_arrays: NamedArrays = {}
         self._last_time = time.perf_counter()
+        self.tracking = Tracking.open(config.tracking, folder, run_config)
 
     def test_metrics(self, arrays: NamedArrays) -> tuple[float, float]:
         load_numpy_state(self.model, arrays)
@@ -103,6 +108,7 @@ class RoundRecorder:
         self.folder.save_checkpoint(
             Checkpoint(absolute, arrays, self.strategy_arrays(), self.checkpoint_state())
         )
+        self.tracking.log_row(row)
         log(
             INFO,
             "fedge: round %s/%s  test_accuracy=%.4f  test_loss=%.4f  train_loss=%s  "
@@ -118,6 +124,10 @@ class RoundRecorder:
             row["seconds"],
         )
         return MetricRecord({"test-loss": loss, "test-accuracy": accuracy})
+
+    def close(self, failed: bool = False) -> None:
+        """End the tracker's run (MLflow marks it finished or failed)."""
+        self.tracking.close(failed)
 
     def strategy_arrays(self) -> dict[str, NamedArrays]:
         return {"velocity": self.strategy.velocity} if self.strategy.velocity else {}

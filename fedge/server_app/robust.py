@@ -167,7 +167,7 @@ class SecureBounds:
         d = weighted_sum.size
         noise = survivors * self.noise_stddev * (math.sqrt(d) + NOISE_TAIL)
         allowed = total_weight * self.clip_norm + self.error_bound * math.sqrt(d) + noise
-        norm = float(np.linalg.norm(weighted_sum))
+        norm = global_norm({"sum": weighted_sum})
         if not norm <= allowed:
             return (
                 f"sum norm {norm:.4g} exceeds {allowed:.4g}, the most {survivors} updates "

@@ -31,6 +31,7 @@ from fedge.records import NamedArrays
 CHECKPOINT = "checkpoint.npz"
 METRICS = "metrics.jsonl"
 PRIVACY_REPORT = "privacy.json"
+FAILURE_REPORT = "failure.json"  # why the run stopped before its last round
 LOCK = ".lock"
 
 

@@ -32,6 +32,7 @@ from fedge.secagg import AggregateResult, SecAggAbort, SecAggParams, SecAggServe
 from fedge.secagg.messages import Payload, nest, unnest
 from fedge.server_app.polling import destinations, replying_node
 from fedge.server_app.privacy import ServerPrivacy
+from fedge.server_app.validation import client_error
 
 Payloads = dict[int, Payload]
 Shape = Callable[[int], tuple[int, int]]  # clients -> (num_shares, threshold)
@@ -72,6 +73,7 @@ class SecureRound:
         self.server: SecAggServer | None = None
         self.next_server: SecAggServer | None = None
         self.next_round: KeyedRound | None = None
+        self.failures: dict[int, str] = {}  # nodes whose reply was an error, and why
 
     def _exchange(self, stage: Stage, payloads: Payloads) -> Payloads:
         messages = [
@@ -85,11 +87,10 @@ class SecureRound:
         replies = self.grid.send_and_receive(messages, timeout=self.timeout)
         return self.payloads_of(replies, destinations(messages))
 
-    @staticmethod
     def payloads_of(
-        replies: Iterable[Message], sent: Mapping[str, int], masked_length: int | None = None
+        self, replies: Iterable[Message], sent: Mapping[str, int], masked_length: int | None = None
     ) -> Payloads:
-        """Replies as payloads; an error reply is a dropout (the protocol records why).
+        """Replies as payloads; an error reply is a dropout, its reason kept in `failures`.
 
         A masked vector is decoded only where `masked_length` says one is due.
         """
@@ -97,7 +98,9 @@ class SecureRound:
         for reply in replies:
             node = replying_node(reply, sent)
             if reply.has_error():
-                log(WARNING, "SecAgg: node %s failed: %s", node, reply.error.reason)
+                reason = client_error(reply)
+                log(WARNING, "SecAgg: node %s failed: %s", node, reason)
+                self.failures[node] = reason
                 continue
             payloads[node] = records_to_payload(reply.content, masked_length)
         return payloads  # type: ignore[return-value]

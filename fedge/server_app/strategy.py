@@ -64,6 +64,10 @@ class RoundReport:
     accept_loss: float | None = None  # the candidate model's acceptance loss, if checked
 
 
+class RunFailing(RuntimeError):
+    """Every reply failed the same way for `max-failed-rounds` rounds in a row."""
+
+
 @dataclass(frozen=True)
 class Accepted:
     """A validated reply, decoded once: `content` holds only its checked metrics
@@ -93,6 +97,7 @@ class FedgeAvg(FedAvg):
         max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES,
         influence: InfluenceBound | None = None,
         acceptance: AcceptanceCheck | None = None,
+        max_failed_rounds: int = 0,
         **fedavg_kwargs: object,
     ) -> None:
         super().__init__(weighted_by_key=WEIGHT_KEY, **fedavg_kwargs)  # type: ignore[arg-type]
@@ -110,6 +115,8 @@ class FedgeAvg(FedAvg):
         # None: the plain weighted mean; the ServerApp passes the run config's bounds
         self.influence = influence or InfluenceBound(norm_factor=0.0, weight_factor=0.0)
         self.acceptance = acceptance  # None: every step that passes the reply checks applies
+        self.max_failed_rounds = max_failed_rounds  # 0: never stop for failing replies
+        self.failing: tuple[str, int] | None = None  # (the shared reason, rounds in a row)
         self.secure_round: SecureRound | None = None
         self.keyed_round: KeyedRound | None = None  # shared keys for the next round
         self.train_messages: list[Message] = []
@@ -306,6 +313,34 @@ class FedgeAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        result = self.aggregate_round(server_round, replies)
+        self.stop_if_failing(server_round)
+        return result
+
+    def stop_if_failing(self, server_round: int) -> None:
+        """Raise `RunFailing` once every reply failed for one reason in too many rounds.
+
+        A broken setup (a data plan that cannot work, a crashing ClientApp) then ends
+        the run with its reason instead of spinning through every round.
+        """
+        reasons = set(self.report.rejected.values())
+        if self.report.aggregated or self.report.num_replies or len(reasons) != 1:
+            self.failing = None
+            return
+        (reason,) = reasons
+        streak = self.failing[1] + 1 if self.failing and self.failing[0] == reason else 1
+        self.failing = (reason, streak)
+        if self.max_failed_rounds and streak >= self.max_failed_rounds:
+            raise RunFailing(
+                f"every reply failed in {streak} rounds in a row (up to round "
+                f"{self.absolute_round(server_round)}, max-failed-rounds="
+                f"{self.max_failed_rounds}): {reason}"
+            )
+
+    def aggregate_round(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """This round's new model and metrics, or (None, None) if it must not change."""
         if self.secure_round is not None:
             return self.aggregate_secure(server_round, replies), None
         accepted = self.accepted_replies(replies)
@@ -334,14 +369,15 @@ class FedgeAvg(FedAvg):
         try:
             result = self.secure_round.close(replies, sent)
         except SecAggAbort as abort:
-            self.report.rejected = refused
-            self.report.num_rejected = len(refused)
             self.skip(server_round, f"SecAgg round aborted: {abort}")
+            self.report.rejected = {**self.secure_round.failures, **refused}
+            self.report.num_rejected = len(self.report.rejected)
             return None
         finally:
             self.keyed_round = self.secure_round.next_round
         self.report.num_replies = result.num_clients
-        self.report.rejected = {**result.dropped, **refused}
+        # A node's own error, or its refused tag, says more than "no masked input" does
+        self.report.rejected = {**result.dropped, **self.secure_round.failures, **refused}
         self.report.num_rejected = len(self.report.rejected)
         if not self.enough(server_round, result.num_clients):
             return None

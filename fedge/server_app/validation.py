@@ -231,6 +231,11 @@ def as_update(
     return update, None
 
 
+def client_error(reply: Message) -> str:
+    """An error reply's reason as logged and recorded (shortened: it is untrusted)."""
+    return f"client error: {untrusted_repr(reply.error.reason, 400)}"
+
+
 def check_reply(
     reply: Message,
     reference: NamedArrays,
@@ -249,7 +254,7 @@ def check_reply(
     (local privacy budget spent) carries no arrays and comes back with update None.
     """
     if reply.has_error():
-        return None, f"client error: {untrusted_repr(reply.error.reason, 200)}"
+        return None, client_error(reply)
     metric_record, carries, reason = _layout(
         reply, server_round, model_digest(reference) if digest is None else digest
     )
