@@ -224,7 +224,9 @@ def attacker_train(msg: Message, context: Context) -> Message:
     if not sends_update:
         bad = {n: (global_arrays[n] + bad[n]).astype(arrays[n].dtype) for n in bad}
     metrics = MetricRecord({**dict(metrics), WEIGHT_KEY: weight})
-    return Message(RecordDict({"arrays": to_array_record(bad), "metrics": metrics}), reply_to=msg)
+    tag = dict(reply.content.config_records)  # fedge's tag, if any, says what `bad` is
+    content = RecordDict({"arrays": to_array_record(bad), "metrics": metrics, **tag})
+    return Message(content, reply_to=msg)
 
 
 @attacker_app.train(Stage.MASKED_INPUT.value)

@@ -50,7 +50,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedge.client_app.privatize import privatize_update
-from fedge.client_app.protocol import WEIGHT_KEY
+from fedge.client_app.protocol import UPDATE_INFO_KEY, WEIGHT_KEY, update_tag
 from fedge.config import FedgeConfig
 from fedge.privacy.accountant import PrivacyLedger
 from fedge.privacy.audit import audit_scores, run_canary_audit
@@ -141,6 +141,7 @@ def strategy_audit(
                 {
                     "arrays": to_array_record(private),
                     "metrics": MetricRecord({WEIGHT_KEY: 1, "train-loss": 0.0, **metrics}),
+                    UPDATE_INFO_KEY: update_tag(message.content.config_records["config"], arrays),
                 }
             )
             replies.append(Message(content, reply_to=message))

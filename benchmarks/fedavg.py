@@ -62,6 +62,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 from report import finish, parse_with_common_options, start, with_run_config
 
+from fedge.client_app.protocol import UPDATE_INFO_KEY, update_tag
 from fedge.config import FedgeConfig
 from fedge.models import build_model, load_numpy_state, state_to_numpy
 from fedge.models.training import evaluate
@@ -263,7 +264,10 @@ class StubGrid:
         return self.node_ids
 
 
-def _reply(node_id: int, arrays: NamedArrays, num_examples: int) -> Message:
+def _reply(
+    node_id: int, arrays: NamedArrays, num_examples: int, tag: ConfigRecord | None = None
+) -> Message:
+    """A train reply; `tag` marks fedge's Δw replies (stock ones carry full weights)."""
     metadata = Metadata(
         run_id=0,
         message_id=f"reply-{node_id}",
@@ -281,6 +285,8 @@ def _reply(node_id: int, arrays: NamedArrays, num_examples: int) -> Message:
             "metrics": MetricRecord({"train-loss": 0.5, "num-examples": num_examples}),
         }
     )
+    if tag is not None:
+        content[UPDATE_INFO_KEY] = tag
     return Message(content=content, metadata=metadata)
 
 
@@ -297,7 +303,10 @@ def micro_case(global_arrays: NamedArrays, clients: int, repeats: int, seed: int
         for _ in node_ids
     ]
     examples = [int(n) for n in rng.integers(50, 250, size=clients)]
-    fedge_replies = [_reply(n, d, e) for n, d, e in zip(node_ids, deltas, examples, strict=True)]
+    tag = update_tag({"server-round": 1}, global_arrays)
+    fedge_replies = [
+        _reply(n, d, e, tag) for n, d, e in zip(node_ids, deltas, examples, strict=True)
+    ]
     stock_replies = [
         _reply(n, {k: global_arrays[k] + v for k, v in d.items()}, e)
         for n, d, e in zip(node_ids, deltas, examples, strict=True)

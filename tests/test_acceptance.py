@@ -156,7 +156,10 @@ def plain_round(
             server_round, to_array_record(arrays), ConfigRecord(), StaticGrid(PLAIN_NODES)
         )
     )
-    replies = [reply(node, u, 100) for node, u in zip(PLAIN_NODES, updates, strict=True)]
+    replies = [
+        reply(node, u, 100, answers=(server_round, arrays))
+        for node, u in zip(PLAIN_NODES, updates, strict=True)
+    ]
     return aggregate(strategy, replies, server_round)
 
 

@@ -36,7 +36,13 @@ from test_simulation import LocalGrid
 from fedge.cli import main as fedge_cli
 from fedge.client_app import app as client_app
 from fedge.client_app.local_ledger import NodeLedger, NodeLedgerError
-from fedge.client_app.protocol import REPLY_KEY, UNCLIPPED_KEY, WEIGHT_KEY
+from fedge.client_app.protocol import (
+    REPLY_KEY,
+    UNCLIPPED_KEY,
+    UPDATE_INFO_KEY,
+    WEIGHT_KEY,
+    update_tag,
+)
 from fedge.config import ConfigError, FedgeConfig
 from fedge.data.loading import load_digits_pool
 from fedge.models import build_model, state_to_numpy
@@ -171,7 +177,10 @@ def test_resume_refuses_another_dp_delta() -> None:
 def zero_reply(node_id: int, arrays: NamedArrays, unclipped: int) -> Message:
     update = {name: np.zeros_like(value) for name, value in arrays.items()}
     metrics = MetricRecord({WEIGHT_KEY: 10, "train-loss": 1.0, UNCLIPPED_KEY: unclipped})
-    content = RecordDict({"arrays": to_array_record(update), "metrics": metrics})
+    tag = update_tag({"server-round": 1}, arrays)  # an update of round 1's `arrays`
+    content = RecordDict(
+        {"arrays": to_array_record(update), "metrics": metrics, UPDATE_INFO_KEY: tag}
+    )
     return Message(content, reply_to=instruction(node_id))
 
 

@@ -28,7 +28,13 @@ from grids import instruction
 from opacus.accountants import RDPAccountant
 from scipy import stats
 
-from fedge.client_app.protocol import CLIP_KEY, UNCLIPPED_KEY, WEIGHT_KEY
+from fedge.client_app.protocol import (
+    CLIP_KEY,
+    UNCLIPPED_KEY,
+    UPDATE_INFO_KEY,
+    WEIGHT_KEY,
+    update_tag,
+)
 from fedge.config import FedgeConfig
 from fedge.data import client_split
 from fedge.records import NamedArrays, from_array_record, to_array_record
@@ -81,7 +87,10 @@ def zero_reply(node_id: int, arrays: NamedArrays) -> Message:
     """A ClientApp's reply carrying an all-zero (so trivially clipped) update."""
     update = {name: np.zeros_like(value) for name, value in arrays.items()}
     metrics = MetricRecord({WEIGHT_KEY: 10, "train-loss": 1.0, UNCLIPPED_KEY: 1})
-    content = RecordDict({"arrays": to_array_record(update), "metrics": metrics})
+    tag = update_tag({"server-round": 1}, arrays)  # an update of round 1's `arrays`
+    content = RecordDict(
+        {"arrays": to_array_record(update), "metrics": metrics, UPDATE_INFO_KEY: tag}
+    )
     return Message(content, reply_to=instruction(node_id))
 
 

@@ -26,7 +26,14 @@ from flwr.common import MessageType
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedge.client_app.local_data import local_data
-from fedge.client_app.protocol import REPLY_KEY
+from fedge.client_app.protocol import (
+    CARRIES_KEY,
+    CARRIES_PARTIAL,
+    REPLY_KEY,
+    UPDATE_INFO_KEY,
+    model_digest,
+    update_tag,
+)
 from fedge.config import FedgeConfig
 from fedge.edge import client as edge_client
 from fedge.edge.broadcast import BACKBONE_KEY, backbone_payload
@@ -35,7 +42,7 @@ from fedge.edge.runtime import EdgeModel
 from fedge.models import ModelSpec, build_model, state_to_numpy
 from fedge.records import NamedArrays, from_array_record, to_array_record
 from fedge.server_app.strategy import FedgeAvg
-from fedge.server_app.validation import PARTIAL_KEY, WEIGHT_KEY, rejection_reason
+from fedge.server_app.validation import WEIGHT_KEY, rejection_reason
 from fedge.simulation import NodeGrid, run_inprocess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,7 +152,12 @@ def test_edge_client_trains_without_torch(tmp_path: Path) -> None:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["torch_loaded"] is False
     assert result["arrays"] == [HEAD_BIAS, HEAD_WEIGHT]
-    assert result["info"] == {PARTIAL_KEY: True}
+    # a head-only update of round 1, for the model the server sent (digested without torch)
+    assert result["info"] == {
+        CARRIES_KEY: CARRIES_PARTIAL,
+        "round": 1,
+        "model-digest": model_digest(arrays),
+    }
     assert result["metrics"][WEIGHT_KEY] > 0
     assert set(result["eval"]) == {"val-loss", "val-accuracy", WEIGHT_KEY}
 
@@ -167,7 +179,10 @@ def test_edge_update_changes_the_head_and_lowers_local_loss() -> None:
     reply = edge_client.train(msg, context, config)
 
     assert (
-        rejection_reason(reply, arrays, partial_names=frozenset({HEAD_WEIGHT, HEAD_BIAS})) is None
+        rejection_reason(
+            reply, arrays, server_round=1, partial_names=frozenset({HEAD_WEIGHT, HEAD_BIAS})
+        )
+        is None
     )
     update = from_array_record(reply.content.array_records["arrays"])
     assert sorted(update) == [HEAD_BIAS, HEAD_WEIGHT]
@@ -177,7 +192,7 @@ def test_edge_update_changes_the_head_and_lowers_local_loss() -> None:
         assert np.abs(delta).max() > 0
     data = local_data(config, context)
     assert reply.content.metric_records["metrics"][WEIGHT_KEY] == len(data.y_train)
-    assert reply.content.config_records["update-info"][PARTIAL_KEY] is True
+    assert reply.content.config_records[UPDATE_INFO_KEY][CARRIES_KEY] == CARRIES_PARTIAL
 
     backbone = EdgeModel.from_bytes(msg.content.config_records["config"][BACKBONE_KEY])
     features = extract_features(backbone, data.x_train)
@@ -261,6 +276,7 @@ def test_strategy_moves_the_head_by_the_weighted_edge_update(
             {
                 "arrays": to_array_record(torch_update),
                 "metrics": MetricRecord({"train-loss": 1.0, WEIGHT_KEY: n_torch}),
+                UPDATE_INFO_KEY: update_tag({"server-round": 1}, arrays),
             }
         ),
         reply_to=_instruction(arrays, {}, node=EDGE_PARTITION),

@@ -37,15 +37,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedge.client_app.protocol import (
+    CARRIES_PARTIAL,
     DECLINED_KEY,
     LOCAL_EPSILON_KEY,
     LOSS_KEY,
     MAX_EXAMPLES_KEY,
-    PARTIAL_KEY,
     UNCLIPPED_KEY,
     UPDATE_INFO_KEY,
     WEIGHT_KEY,
     reported_examples,
+    update_tag,
 )
 from fedge.records import (
     MASKED_KEY,
@@ -111,12 +112,19 @@ def reply(
     metrics: MetricRecord | dict[str, Any] | None = None,
     **extra_records: Any,
 ) -> Message:
-    """A reply as a ClientApp builds it; `arrays=None` sends the node's honest update."""
+    """A reply as fedge's ClientApp builds it (tagged as an update of round 1's GLOBAL);
+    `arrays=None` sends the node's honest update."""
     record = arrays if isinstance(arrays, ArrayRecord) else to_array_record(arrays or delta(node))
     if not isinstance(metrics, MetricRecord):
         metrics = MetricRecord(metrics or {LOSS_KEY: 0.5 + node % 3, WEIGHT_KEY: weight_of(node)})
-    content = RecordDict({"arrays": record, "metrics": metrics, **extra_records})
+    records = {UPDATE_INFO_KEY: tag(), **extra_records}
+    content = RecordDict({"arrays": record, "metrics": metrics, **records})
     return Message(content, reply_to=instruction(node))
+
+
+def tag(carries: str = "update") -> ConfigRecord:
+    """The tag of a reply to round 1's GLOBAL."""
+    return update_tag({"server-round": 1}, GLOBAL, carries)
 
 
 def with_array(name: str, array: Array, base: NamedArrays | None = None) -> ArrayRecord:
@@ -449,7 +457,7 @@ def _backbone(arrays: NamedArrays) -> bytes:
     return b"backbone"  # stands in for the ONNX export a run with edge clients sends
 
 
-PARTIAL = {UPDATE_INFO_KEY: ConfigRecord({PARTIAL_KEY: True})}
+PARTIAL = {UPDATE_INFO_KEY: tag(CARRIES_PARTIAL)}
 
 
 def test_a_partial_update_is_rejected_without_edge_clients(honest_model: NamedArrays) -> None:
@@ -488,9 +496,14 @@ def test_with_edge_clients_a_head_update_is_averaged_into_the_head_only() -> Non
 
 @pytest.mark.parametrize(
     "info",
-    [{PARTIAL_KEY: False}, {PARTIAL_KEY: 1}, {PARTIAL_KEY: True, "more": 1}, {}],
+    [
+        {"partial-update": True},  # the flag before replies were tagged
+        {**tag(CARRIES_PARTIAL), "more": 1},
+        {k: v for k, v in tag().items() if k != "model-digest"},
+        {},
+    ],
 )
-def test_update_info_other_than_the_partial_flag_is_rejected(
+def test_update_info_that_is_not_a_whole_tag_is_rejected(
     info: dict[str, Any], honest_model: NamedArrays
 ) -> None:
     bad = reply(101, **{UPDATE_INFO_KEY: ConfigRecord(info)})
@@ -744,7 +757,7 @@ def malformed_reply(draw: st.DrawFn, node: int) -> Message:
         content[draw(st.text(max_size=10))] = ConfigRecord({"x": draw(st.integers())})
     elif layout == "partial":
         content["arrays"] = to_array_record(delta(node, draw(st.sampled_from([HEAD, NAMES]))))
-        content[UPDATE_INFO_KEY] = ConfigRecord({PARTIAL_KEY: True})
+        content[UPDATE_INFO_KEY] = tag(CARRIES_PARTIAL)
     elif layout == "unknown name":
         extra = draw(st.text(max_size=30).filter(lambda s: s not in GLOBAL))
         content["arrays"][extra] = Array(np.zeros(draw(st.integers(0, 9)), np.float32))

@@ -18,7 +18,13 @@ from flwr.app import (
 from flwr.supercore.task_identity import TaskIdentity
 from grids import instruction
 
-from fedge.client_app.protocol import REPLY_KEY
+from fedge.client_app.protocol import (
+    CARRIES_PARTIAL,
+    CARRIES_UPDATE,
+    REPLY_KEY,
+    UPDATE_INFO_KEY,
+    update_tag,
+)
 from fedge.records import NamedArrays, from_array_record, to_array_record
 from fedge.server_app.aggregation import apply_update, weighted_mean
 from fedge.server_app.strategy import FedgeAvg
@@ -65,15 +71,19 @@ def reply(
     metrics: dict[str, object] | None = None,
     array_key: str = "arrays",
     metric_key: str = "metrics",
+    answers: tuple[int, NamedArrays] | None = None,
 ) -> Message:
-    """A ClientApp's reply, built the way ClientApps build it (`reply_to=`)."""
+    """A fedge ClientApp's reply (`reply_to=`), tagged as answering `answers`
+    (round, global model; default round 1's GLOBAL)."""
     if metrics is None:
         metrics = {"train-loss": loss, "num-examples": num_examples}
     content = RecordDict(
         {array_key: to_array_record(arrays), metric_key: MetricRecord(metrics)}  # type: ignore[arg-type]
     )
-    if partial:
-        content["update-info"] = ConfigRecord({"partial-update": True})
+    server_round, model = answers or (1, GLOBAL)
+    content[UPDATE_INFO_KEY] = update_tag(
+        {"server-round": server_round}, model, CARRIES_PARTIAL if partial else CARRIES_UPDATE
+    )
     return Message(content, reply_to=instruction(node_id))
 
 
@@ -154,7 +164,7 @@ def test_configure_train_asks_every_node_for_an_update_at_the_absolute_round() -
 def test_reply_built_with_reply_to_comes_from_the_instructed_node() -> None:
     message = reply(22, delta(1))
     assert message.metadata.src_node_id == 22
-    assert rejection_reason(message, GLOBAL) is None
+    assert rejection_reason(message, GLOBAL, server_round=1) is None
 
 
 @pytest.mark.parametrize("eta", [1.0, 0.5, 2.0])
@@ -209,7 +219,12 @@ def test_server_momentum_accumulates_the_mean_update_across_rounds() -> None:
 
     start_round(strategy, w1, 2)
     second = [delta(3), delta(4)]
-    w2 = aggregate(strategy, [reply(11, second[0], 50), reply(22, second[1], 50)], 2)
+    round_two = (2, w1)
+    w2 = aggregate(
+        strategy,
+        [reply(11, second[0], 50, answers=round_two), reply(22, second[1], 50, answers=round_two)],
+        2,
+    )
     v2 = {k: beta * v1[k] + (second[0][k] + second[1][k]) / 2 for k in GLOBAL}
     assert_arrays_close(w2, {k: w1[k] + eta * v2[k] for k in GLOBAL})
     assert strategy.velocity is not None
@@ -349,7 +364,7 @@ BAD_REPLIES: dict[str, tuple[Callable[[int], Message], str]] = {
 def test_bad_reply_is_rejected_and_the_rest_aggregate_without_it(kind: str) -> None:
     make_bad, reason = BAD_REPLIES[kind]
     bad = make_bad(33)
-    assert reason in (rejection_reason(bad, GLOBAL) or "")
+    assert reason in (rejection_reason(bad, GLOBAL, server_round=1) or "")
 
     strategy = FedgeAvg(min_train_nodes=2)
     start_round(strategy)

@@ -1,6 +1,10 @@
 """Keys the ServerApp and ClientApps agree on (torch-free, shared by edge clients)."""
 
+import hashlib
 from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import ConfigRecord
 
 REPLY_KEY = "fedge-reply"
 """Train-config key: 'update' asks for Δw (fedge's strategy); absent means full
@@ -37,11 +41,57 @@ LOSS_KEY = "train-loss"
 VAL_LOSS_KEY = "val-loss"
 VAL_ACCURACY_KEY = "val-accuracy"
 """Evaluate-reply metrics: the global model on the node's validation split (NaN if empty)."""
+ROUND_KEY = "server-round"
+"""Train-config key (set by Flower's strategies): the round a message belongs to."""
 
 UPDATE_INFO_KEY = "update-info"
-PARTIAL_KEY = "partial-update"
-"""Reply ConfigRecord and flag: the update covers only some arrays (e.g. an edge
-client's classifier head); the others are left to the clients that sent them."""
+"""Reply ConfigRecord, the tag on every reply fedge's ClientApps send to fedge's
+strategy: what it carries and which round's global model it answers. A reply
+without it follows Flower's convention (full trained weights), which the server
+converts to Δw against the round's model, so stock Flower ClientApps can join."""
+
+CARRIES_KEY = "carries"
+CARRIES_UPDATE = "update"
+CARRIES_PARTIAL = "partial-update"
+"""Tag field and its values: Δw for every array, or for only some arrays (an edge
+client's classifier head; the others are left to the clients that sent them)."""
+
+TAG_ROUND_KEY = "round"
+DIGEST_KEY = "model-digest"
+DIGEST_CHARS = 32
+"""Tag fields: the round and `model_digest` of the global model the reply answers."""
+
+
+def model_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """BLAKE2b-128 (hex) of a model's names, dtypes, shapes and values.
+
+    Clients digest the arrays they received, the server once per round the
+    arrays it sent: a reply computed against another model does not match.
+    """
+    digest = hashlib.blake2b(digest_size=DIGEST_CHARS // 2)
+    for name in sorted(arrays):
+        value = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name!r}:{value.dtype.str}:{value.shape};".encode())
+        digest.update(memoryview(value).cast("B"))
+    return digest.hexdigest()
+
+
+def update_tag(
+    train_config: Mapping[str, object],
+    global_arrays: Mapping[str, np.ndarray],
+    carries: str = CARRIES_UPDATE,
+) -> ConfigRecord:
+    """The UPDATE_INFO_KEY record for a reply to a train message with this config and model."""
+    server_round = train_config.get(ROUND_KEY)
+    if not isinstance(server_round, int) or isinstance(server_round, bool):
+        raise ValueError(f"the train message has no integer '{ROUND_KEY}' to answer")
+    return ConfigRecord(
+        {
+            CARRIES_KEY: carries,
+            TAG_ROUND_KEY: server_round,
+            DIGEST_KEY: model_digest(global_arrays),
+        }
+    )
 
 
 def reported_examples(num_examples: int, train_config: Mapping[str, object]) -> int:

@@ -19,7 +19,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
-from fedge.client_app.protocol import WEIGHT_KEY
+from fedge.client_app.protocol import UPDATE_INFO_KEY, WEIGHT_KEY, update_tag
 from fedge.records import (
     NamedArrays,
     flatten,
@@ -102,9 +102,12 @@ def masked_input(msg: Message, context: Context, local_update: LocalUpdate) -> M
     Large masks are expanded on another thread while the node trains: the
     mask does not depend on the update, and on a device with a spare core
     that hides most of the protocol's work. If asked, also make (and
-    advertise) fresh keys for the next round.
+    advertise) fresh keys for the next round. The reply is tagged as an update
+    of the round and model it answers.
     """
-    names = list(msg.content.array_records["arrays"].keys())
+    global_arrays = from_array_record(msg.content.array_records["arrays"])
+    tag = update_tag(msg.content.config_records["config"], global_arrays)
+    names = list(global_arrays)
     received, nested = unnest(records_to_payload(msg.content))
     next_reply = _next_round(
         context, nested, lambda payload: client_setup(context.node_id, payload), NEXT_STATE_KEY
@@ -114,13 +117,14 @@ def masked_input(msg: Message, context: Context, local_update: LocalUpdate) -> M
         mask = pool.submit(stage.mask) if stage.mask_bytes >= BACKGROUND_MASK_BYTES else None
         update, metrics = local_update()
         if update is None:
-            global_arrays = from_array_record(msg.content.array_records["arrays"])
             vector, weight = np.zeros(sum(a.size for a in global_arrays.values())), 0
         else:
             vector, weight = flatten(update, names), int(metrics[WEIGHT_KEY])
         payload = stage.upload(vector, weight, None if mask is None else mask.result())
     _store(context, stage.state)
-    return _reply(msg, {**payload, **next_reply})
+    reply = _reply(msg, {**payload, **next_reply})
+    reply.content[UPDATE_INFO_KEY] = tag
+    return reply
 
 
 def consistency(msg: Message, context: Context) -> Message:

@@ -17,10 +17,12 @@ from fedge.client_app.protocol import (
     DECLINED_KEY,
     LOCAL_EPSILON_KEY,
     REPLY_KEY,
+    UPDATE_INFO_KEY,
     VAL_ACCURACY_KEY,
     VAL_LOSS_KEY,
     WEIGHT_KEY,
     reported_examples,
+    update_tag,
 )
 from fedge.config import ConfigError, FedgeConfig
 from fedge.models import build_model, load_numpy_state, state_to_numpy
@@ -187,10 +189,16 @@ def local_update(
 
 
 def train(msg: Message, context: Context, config: FedgeConfig) -> Message:
+    """Reply with Δw tagged with the round and model it answers (fedge's strategy), or
+    with untagged full weights (Flower's convention, for a stock strategy)."""
     update, metrics = local_update(msg, context, config)
     content = RecordDict({"metrics": metrics})
     if update is not None:
         content["arrays"] = to_array_record(update)
+    train_config = msg.content.config_records["config"]
+    if train_config.get(REPLY_KEY) == "update":
+        global_arrays = from_array_record(msg.content.array_records["arrays"])
+        content[UPDATE_INFO_KEY] = update_tag(train_config, global_arrays)
     return Message(content=content, reply_to=msg)
 
 

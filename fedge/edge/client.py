@@ -3,7 +3,8 @@
 The server sends the current global backbone as ONNX bytes with every message, so an
 edge node's features match the global model's. Training updates just `head.weight` and
 `head.bias` with numpy, and the reply is a *partial* update that fedge's strategy averages,
-name by name, with the full-model updates of torch clients.
+name by name, with the full-model updates of torch clients. Its tag says so, and
+names the round and global model it answers.
 """
 
 from __future__ import annotations
@@ -14,19 +15,20 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from fedge.client_app.local_data import local_data, local_seed
 from fedge.client_app.privatize import privatize_update
 from fedge.client_app.protocol import (
-    PARTIAL_KEY,
+    CARRIES_PARTIAL,
     REPLY_KEY,
     UPDATE_INFO_KEY,
     VAL_ACCURACY_KEY,
     VAL_LOSS_KEY,
     WEIGHT_KEY,
     reported_examples,
+    update_tag,
 )
 from fedge.config import FedgeConfig
 from fedge.edge.broadcast import BACKBONE_KEY
 from fedge.edge.head import HEAD_BIAS, HEAD_WEIGHT, HeadLearner, extract_features
 from fedge.edge.runtime import EdgeModel
-from fedge.records import NamedArrays, to_array_record
+from fedge.records import NamedArrays, from_array_record, to_array_record
 
 
 def _backbone(config: ConfigRecord) -> EdgeModel:
@@ -86,7 +88,11 @@ def train(msg: Message, context: Context, config: FedgeConfig) -> Message:
         {
             "arrays": to_array_record(update),
             "metrics": metrics,
-            UPDATE_INFO_KEY: ConfigRecord({PARTIAL_KEY: True}),
+            UPDATE_INFO_KEY: update_tag(
+                train_config,
+                from_array_record(msg.content.array_records["arrays"]),
+                CARRIES_PARTIAL,
+            ),
         }
     )
     return Message(content=content, reply_to=msg)

@@ -25,6 +25,7 @@ from fedge.client_app.protocol import (
     REPLY_KEY,
     UNCLIPPED_KEY,
     WEIGHT_KEY,
+    model_digest,
 )
 from fedge.edge.broadcast import BACKBONE_KEY
 from fedge.edge.head import HEAD_BIAS, HEAD_WEIGHT
@@ -41,6 +42,7 @@ from fedge.server_app.validation import (
     CheckedReply,
     check_reply,
     checked_evaluation,
+    masked_upload_reason,
 )
 
 
@@ -120,6 +122,8 @@ class FedgeAvg(FedAvg):
         self.train_messages: list[Message] = []
         self.velocity: NamedArrays | None = None
         self.current_arrays: NamedArrays = {}
+        self.current_round = 0  # the absolute round the current arrays were sent for
+        self.current_digest = ""  # their model_digest, which tagged replies must match
         self.report = RoundReport()
 
     def absolute_round(self, server_round: int) -> int:
@@ -129,12 +133,13 @@ class FedgeAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.current_arrays = from_array_record(arrays)
+        self.current_digest = model_digest(self.current_arrays)
         self.report = RoundReport()
         self.wait_for_nodes(grid)
         config[REPLY_KEY] = "update"
         config[MAX_EXAMPLES_KEY] = self.max_num_examples
         self.add_edge_backbone(config, self.current_arrays)
-        absolute = self.absolute_round(server_round)
+        absolute = self.current_round = self.absolute_round(server_round)
         messages = list(super().configure_train(absolute, arrays, config, grid))
         self.report.num_sampled = len(messages)
         # Every message shares `config`, so settings written now still reach all of them.
@@ -196,12 +201,26 @@ class FedgeAvg(FedAvg):
         checked, reason = check_reply(
             reply,
             self.current_arrays,
+            server_round=self.current_round,
+            digest=self.current_digest,
             max_num_examples=self.max_num_examples,
             partial_names=self.partial_names,
         )
         if checked is not None and checked.update is not None and self.privacy is not None:
             reason = self.privacy.clip_violation(checked.update)
         return (checked, None) if reason is None else (None, reason)
+
+    def secure_tag_violations(self, replies: list[Message]) -> dict[int, str]:
+        """The nodes whose masked upload is not tagged as this round's update, with why."""
+        sent = destinations(self.train_messages)
+        refused = {}
+        for reply in replies:
+            if reply.has_error():
+                continue  # the protocol books it as a dropout
+            reason = masked_upload_reason(reply.content, self.current_round, self.current_digest)
+            if reason is not None:
+                refused[replying_node(reply, sent)] = reason
+        return refused
 
     @staticmethod
     def origin_violation(
@@ -341,18 +360,24 @@ class FedgeAvg(FedAvg):
     def aggregate_secure(self, server_round: int, replies: Iterable[Message]) -> ArrayRecord | None:
         """Unmask the sum Σ n_k·Δ_k; no per-client update or metric is ever seen."""
         assert self.secure_round is not None
+        replies = list(replies)
+        refused = self.secure_tag_violations(replies)
+        for node, reason in refused.items():
+            log(WARNING, "Dropped reply from node %s: %s", node, reason)
+        sent = destinations(self.train_messages)
+        replies = [reply for reply in replies if replying_node(reply, sent) not in refused]
         try:
-            result = self.secure_round.close(replies, destinations(self.train_messages))
+            result = self.secure_round.close(replies, sent)
         except SecAggAbort as abort:
             self.skip(server_round, f"SecAgg round aborted: {abort}")
-            self.report.rejected = dict(self.secure_round.failures)
+            self.report.rejected = {**self.secure_round.failures, **refused}
             self.report.num_rejected = len(self.report.rejected)
             return None
         finally:
             self.keyed_round = self.secure_round.next_round
         self.report.num_replies = result.num_clients
-        # A node's own error says more than "no masked input" does
-        self.report.rejected = {**result.dropped, **self.secure_round.failures}
+        # A node's own error, or its refused tag, says more than "no masked input" does
+        self.report.rejected = {**result.dropped, **self.secure_round.failures, **refused}
         self.report.num_rejected = len(self.report.rejected)
         if not self.enough(server_round, result.num_clients):
             return None

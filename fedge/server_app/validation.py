@@ -1,11 +1,15 @@
 """The reply gate: why a training reply cannot be aggregated, or None if it can.
 
 A client may send anything Flower's wire format carries, so nothing in a reply
-is decoded or used before it is checked, in this order: record layout, metrics
+is decoded or used before it is checked, in this order: record layout and the
+reply's tag (what it carries, for which round and global model: a stale or
+mismatched one is refused; no tag means Flower's convention, full weights), metrics
 (types and ranges, with `num-examples` capped by a public limit), array names,
 then every Array's stype, dtype, shape and byte length against the global model
-(`fedge.records.checked_arrays`), and only then the values (finite). Any failure
-is a reason string, never an exception, so one client cannot end a round.
+(`fedge.records.checked_arrays`), and only then the values (finite). Full weights
+become Δw = w − w_global here, so every later rule (clip check, influence bounds)
+sees an update whatever the client's convention. Any failure is a reason string,
+never an exception, so one client cannot end a round.
 Which nodes may reply at all is the strategy's business (it knows the round).
 """
 
@@ -16,22 +20,33 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedge.client_app.protocol import (
+    CARRIES_KEY,
+    CARRIES_PARTIAL,
+    CARRIES_UPDATE,
     DECLINED_KEY,
+    DIGEST_CHARS,
+    DIGEST_KEY,
     LOCAL_EPSILON_KEY,
     LOSS_KEY,
-    PARTIAL_KEY,
+    TAG_ROUND_KEY,
     UNCLIPPED_KEY,
     UPDATE_INFO_KEY,
     VAL_ACCURACY_KEY,
     VAL_LOSS_KEY,
     WEIGHT_KEY,
+    model_digest,
 )
 from fedge.records import NamedArrays, RejectedArray, checked_arrays, untrusted_repr
 
 DEFAULT_MAX_NUM_EXAMPLES = 1000
+
+CARRIES_WEIGHTS = "weights"
+"""What an untagged reply carries (Flower's convention); never sent as a tag value."""
+TAG_FIELDS = (CARRIES_KEY, TAG_ROUND_KEY, DIGEST_KEY)
+HEX = frozenset("0123456789abcdef")
 
 
 @dataclass(frozen=True)
@@ -110,18 +125,71 @@ def checked_metrics(
     return kept, None
 
 
-def _layout(reply: Message) -> tuple[MetricRecord | None, bool, str | None]:
-    """(its MetricRecord, whether it claims a partial update, None) or (None, False, why)."""
+def reply_carries(
+    content: RecordDict, server_round: int, digest: str
+) -> tuple[str | None, str | None]:
+    """(what the reply carries, None), or (None, why its tag is refused).
+
+    A tagged reply must answer `server_round` and the model whose `model_digest`
+    is `digest`; an untagged one carries CARRIES_WEIGHTS. Only the tag's types and
+    sizes are read before they are checked.
+    """
+    tag = content.config_records.get(UPDATE_INFO_KEY)
+    if tag is None:
+        return CARRIES_WEIGHTS, None
+    if len(tag) != len(TAG_FIELDS) or any(field not in tag for field in TAG_FIELDS):
+        shown = sorted(map(untrusted_repr, list(tag)[:4]))
+        return None, f"'{UPDATE_INFO_KEY}' must hold exactly {list(TAG_FIELDS)}, got {shown}"
+    carries, answered, claimed = (tag[field] for field in TAG_FIELDS)
+    if not isinstance(carries, str) or carries not in (CARRIES_UPDATE, CARRIES_PARTIAL):
+        return None, (
+            f"'{CARRIES_KEY}' must be {CARRIES_UPDATE!r} or {CARRIES_PARTIAL!r}, "
+            f"got {untrusted_repr(carries)}"
+        )
+    if not _is_int(answered):
+        return None, f"'{TAG_ROUND_KEY}' must be an integer, got {untrusted_repr(answered)}"
+    if not (isinstance(claimed, str) and len(claimed) == DIGEST_CHARS and set(claimed) <= HEX):
+        return None, (
+            f"'{DIGEST_KEY}' must be {DIGEST_CHARS} hex digits, got {untrusted_repr(claimed)}"
+        )
+    if answered != server_round:
+        return None, f"stale: it answers round {answered}, this is round {server_round}"
+    if claimed != digest:
+        return None, (
+            f"it answers another global model (digest {claimed[:8]}…, "
+            f"this round's is {digest[:8]}…)"
+        )
+    return carries, None
+
+
+def masked_upload_reason(content: RecordDict, server_round: int, digest: str) -> str | None:
+    """Why a SecAgg+ masked upload does not answer this round's model as an update, or None.
+
+    Its masked vector is checked by the protocol; this is the tag alone. Only fedge's
+    ClientApp can take part (the masked vector is its own), so untagged means refused.
+    """
+    carries, reason = reply_carries(content, server_round, digest)
+    if carries == CARRIES_WEIGHTS:
+        return "untagged reply: under SecAgg+ only fedge's ClientApp takes part"
+    if carries is not None and carries != CARRIES_UPDATE:
+        return f"a masked upload must carry {CARRIES_UPDATE!r}, not {carries!r}"
+    return reason
+
+
+def _layout(
+    reply: Message, server_round: int, digest: str
+) -> tuple[MetricRecord | None, str | None, str | None]:
+    """(its MetricRecord, what it carries, None) or (None, None, why)."""
     content = reply.content
     if len(content.metric_records) != 1:
-        return None, False, f"expected one MetricRecord, got {len(content.metric_records)}"
-    configs = dict(content.config_records)
-    info = configs.pop(UPDATE_INFO_KEY, None)
-    if configs:
-        return None, False, f"unexpected ConfigRecords {sorted(map(untrusted_repr, configs))[:3]}"
-    if info is not None and (len(info) != 1 or info.get(PARTIAL_KEY) is not True):
-        return None, False, f"'{UPDATE_INFO_KEY}' must be {{{PARTIAL_KEY!r}: True}}"
-    return next(iter(content.metric_records.values())), info is not None, None
+        return None, None, f"expected one MetricRecord, got {len(content.metric_records)}"
+    others = [name for name in content.config_records if name != UPDATE_INFO_KEY]
+    if others:
+        return None, None, f"unexpected ConfigRecords {sorted(map(untrusted_repr, others))[:3]}"
+    carries, reason = reply_carries(content, server_round, digest)
+    if carries is None:
+        return None, None, reason
+    return next(iter(content.metric_records.values())), carries, None
 
 
 def _names_reason(
@@ -191,6 +259,18 @@ def checked_evaluation(reply: Message, max_num_examples: int) -> tuple[MetricRec
     return kept, ""
 
 
+def as_update(
+    weights: NamedArrays, reference: NamedArrays
+) -> tuple[NamedArrays | None, str | None]:
+    """(Δw = w − w_global, None) for full trained weights, or (None, why)."""
+    with np.errstate(over="ignore"):  # an overflow is refused below, not warned about
+        update = {name: value - reference[name] for name, value in weights.items()}
+    for name, value in update.items():
+        if not np.isfinite(value).all():
+            return None, f"array {name!r} minus the global model overflows"
+    return update, None
+
+
 def client_error(reply: Message) -> str:
     """An error reply's reason as logged and recorded (shortened: it is untrusted)."""
     return f"client error: {untrusted_repr(reply.error.reason, 400)}"
@@ -200,23 +280,30 @@ def check_reply(
     reply: Message,
     reference: NamedArrays,
     *,
+    server_round: int,
+    digest: str | None = None,
     max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES,
     partial_names: frozenset[str] | None = None,
 ) -> tuple[CheckedReply | None, str | None]:
     """(the checked reply, None) if it can be used against `reference`, else (None, why).
 
-    `partial_names`: the arrays edge clients train, or None when the run has no
-    edge clients (then no partial update is accepted). A declined reply (local
-    privacy budget spent) carries no arrays and comes back with update None.
+    `reference` is the global model sent for `server_round`; `digest` its
+    `model_digest` (computed if not given). `partial_names`: the arrays edge clients
+    train, or None when the run has no edge clients (then no partial update is
+    accepted). An untagged reply's weights become an update. A declined reply
+    (local privacy budget spent) carries no arrays and comes back with update None.
     """
     if reply.has_error():
         return None, client_error(reply)
-    metric_record, partial, reason = _layout(reply)
+    metric_record, carries, reason = _layout(
+        reply, server_round, model_digest(reference) if digest is None else digest
+    )
     if metric_record is None:
         return None, reason
     metrics, reason = checked_metrics(metric_record, max_num_examples)
     if reason is not None:
         return None, reason
+    partial = carries == CARRIES_PARTIAL
     records = list(reply.content.array_records.values())
     if metrics.get(DECLINED_KEY) == 1:
         if records or partial:
@@ -225,6 +312,8 @@ def check_reply(
     if len(records) != 1:
         return None, f"expected one ArrayRecord, got {len(records)}"
     update, reason = checked_update(records[0], reference, partial, partial_names)
+    if update is not None and carries == CARRIES_WEIGHTS:
+        update, reason = as_update(update, reference)
     return (None, reason) if update is None else (CheckedReply(update, metrics), None)
 
 
