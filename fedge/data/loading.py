@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from fedge.data.bundle import DatasetBundle
 from fedge.data.partition import partition_indices
@@ -18,6 +17,7 @@ from fedge.data.sources import (
     load_digits_pool,
     load_folder_pool,
     load_hf_pool,
+    train_extra,
 )
 from fedge.data.tabular import DEFAULT_COLUMNS, TableColumns
 
@@ -148,9 +148,8 @@ def load_dataset(
     x, y, x_test, y_test = pools
     y, y_test, class_names = encode_classes(name, y, y_test)
     if x_test is None or y_test is None:
-        x, x_test, y, y_test = train_test_split(
-            x, y, test_size=test_fraction, stratify=y, random_state=seed
-        )
+        split = train_extra("sklearn.model_selection", "holding out a test split").train_test_split
+        x, x_test, y, y_test = split(x, y, test_size=test_fraction, stratify=y, random_state=seed)
     x, x_test, statistics = _standardize_tabular(x, x_test)
     for arr in (x, y, x_test, y_test):
         arr.setflags(write=False)
