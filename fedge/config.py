@@ -45,10 +45,10 @@ def _opt(
 
 
 EDGE_MODE_REFUSAL = (
-    "edge nodes cannot join secagg=true or local-dp=true runs yet: a SecAgg+ vector carries "
-    "one weight for the whole model (a head-only update would dilute the backbone mean) and "
-    "DP-SGD needs torch. Use secagg=false local-dp=false (dp-mode='central' works with edge "
-    "nodes), or edge-clients=0 edge-backbone='off' and SuperNodes without edge=true"
+    "edge nodes cannot join secagg=true or local-dp=true runs yet (SecAgg+ gives the whole "
+    "model one weight, which head-only updates would skew; DP-SGD needs torch): set "
+    "secagg=false local-dp=false (dp-mode=central works with edge nodes), or start the "
+    "SuperNode without edge=true and set edge-clients=0 edge-backbone=off"
 )
 """Why a run with edge nodes refuses SecAgg+ and local DP (server config and edge node alike)."""
 
