@@ -176,10 +176,10 @@ def test_edge_node_trains_and_evaluates_on_its_own_data_without_the_training_sta
     assert 0.0 <= result["eval"]["val-accuracy"] <= 1.0
 
 
-def test_edge_node_on_the_shared_dataset_names_the_train_extra(tmp_path: Path) -> None:
+def test_edge_node_on_the_shared_dataset_names_the_data_extra(tmp_path: Path) -> None:
     """Partitioning the run's shared (built-in) dataset needs scikit-learn / flwr-datasets."""
     result = _node_run(tmp_path, {"partition-id": 0, "num-partitions": 2})
-    assert 'pip install "fedge[train]"' in result["error"]
+    assert 'pip install "fedge[data]"' in result["error"]
     assert LOCAL_DATA_KEY in result["error"]  # ... or the node's own data
 
 
@@ -211,7 +211,10 @@ def test_edge_extra_leaves_the_training_stack_out_and_dev_keeps_everything() -> 
     edge_install = _names(project["dependencies"]) | _names(extras["edge"])
     assert not edge_install & TRAIN_ONLY, edge_install & TRAIN_ONLY
     assert {"flwr", "numpy", "onnxruntime", "cryptography"} <= edge_install
-    assert TRAIN_ONLY - {"pandas", "pyarrow", "datasets"} <= _names(extras["train"])
+    assert TRAIN_ONLY - {"pandas", "pyarrow", "datasets"} <= (
+        _names(extras["train"]) | _names(extras["data"])
+    )
+    assert "fedge[data]" in extras["train"]
     assert any(
         req.startswith("fedge[") and "train" in req and "edge" in req for req in extras["dev"]
     )

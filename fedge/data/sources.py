@@ -23,7 +23,7 @@ Pools = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
 
 
 def train_extra(module: str, needed_for: str) -> ModuleType:
-    """Import `module` from the `train` extra, or say in one line how to get it.
+    """Import `module` from the `data` extra, or say in one line how to get it.
 
     The lean edge install (`fedge[edge]`) leaves out scikit-learn and flwr-datasets;
     an edge node reads its own `local-data` file with numpy alone.
@@ -32,9 +32,9 @@ def train_extra(module: str, needed_for: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as error:
         raise ImportError(
-            f"{needed_for} needs {error.name or module}, which the edge install leaves out: "
-            'pip install "fedge[train]", or give this edge node its own data file with '
-            "--node-config \"edge=true local-data='/path/to/data.npz'\""
+            f"{needed_for} needs {error.name or module}, which fedge[edge] leaves out: "
+            'pip install "fedge[data]" (fedge[train] includes it), or give this edge node its '
+            "own data with --node-config \"edge=true local-data='/path/to/data.npz'\""
         ) from error
 
 

@@ -7,7 +7,7 @@ name by name, with the full-model updates of torch clients.
 
 A node with its own data (node config `local-data`) reads it with numpy alone, so the
 lean `fedge[edge]` install (no scikit-learn, flwr-datasets or pyarrow) runs this path;
-partitioning the run's shared dataset needs `fedge[train]`.
+partitioning the run's shared dataset needs `fedge[data]`.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _data(context: Context, config: FedgeConfig, num_classes: int) -> EdgeData:
     own = context.node_config.get(LOCAL_DATA_KEY)
     if own is not None:
         return _own_data(resolve_path(str(own)), config, num_classes, context.node_id)
-    shared = local_data(config, context)  # partitions: needs fedge[train]'s flwr-datasets
+    shared = local_data(config, context)  # partitions: needs fedge[data]
     return EdgeData(shared.partition_id, shared.x_train, shared.y_train, shared.x_val, shared.y_val)
 
 
