@@ -53,6 +53,8 @@ def _own_data(path: Path, config: FedgeConfig, num_classes: int, node_id: int) -
     """
     columns = TableColumns.parse(config.label_column, config.id_column, config.feature_columns)
     x, y, _, _ = load_folder_pool(path, columns)
+    if len(y) == 0:
+        raise ValueError(f"{LOCAL_DATA_KEY} {path} holds no rows")
     if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= num_classes:
         raise ValueError(
             f"{LOCAL_DATA_KEY} {path}: labels must be class indices 0..{num_classes - 1} "
