@@ -45,6 +45,15 @@ def _opt(
     return field(default=default, metadata=rule)
 
 
+EDGE_MODE_REFUSAL = (
+    "edge nodes cannot join secagg=true or local-dp=true runs yet (SecAgg+ gives the whole "
+    "model one weight, which head-only updates would skew; DP-SGD needs torch): set "
+    "secagg=false local-dp=false (dp-mode=central works with edge nodes), or start the "
+    "SuperNode without edge=true and set edge-clients=0 edge-backbone=off"
+)
+"""Why a run with edge nodes refuses SecAgg+ and local DP (server config and edge node alike)."""
+
+
 @dataclass(frozen=True)
 class FedgeConfig:
     """All run-config keys with their defaults (mirrored in pyproject.toml)."""
@@ -259,8 +268,8 @@ class FedgeConfig:
                 "and DP's sensitivity analysis does not cover; set aggregator='mean' (DP and "
                 "SecAgg bound each client by the clip norm) or secagg=false dp-mode='none'"
             )
-        if self.secagg and self.edge_clients:
-            raise ConfigError("secagg=true does not support edge-clients yet; set edge-clients=0")
+        if self.edge_nodes_expected and (self.secagg or self.local_dp):
+            raise ConfigError(EDGE_MODE_REFUSAL)
         if self.secagg and self.secagg_num_shares and self.secagg_num_shares < 3:
             raise ConfigError(f"secagg-num-shares must be 0 or >= 3, got {self.secagg_num_shares}")
 
@@ -302,6 +311,11 @@ class FedgeConfig:
     def local_dp_budget(self) -> float:
         """A node's ε budget: local-dp-max-epsilon, else the target (0 = none)."""
         return self.local_dp_max_epsilon or self.dp_target_epsilon
+
+    @property
+    def edge_nodes_expected(self) -> bool:
+        """Whether this run serves edge nodes: it broadcasts a backbone for them."""
+        return self.edge_clients > 0 or self.edge_backbone in ("fp32", "int8")
 
     @property
     def acceptance_on(self) -> bool:

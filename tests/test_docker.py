@@ -148,11 +148,12 @@ def test_dockerfiles_install_the_right_extras() -> None:
         for name in ("superlink", "supernode", "edge")
     }
     for name, text in texts.items():
-        for extra in re.findall(r'pip install "?\.\[(\w+)\]', text):
-            assert extra in extras, f"Dockerfile.{name} installs missing extra [{extra}]"
+        for group in re.findall(r'pip install "?\.\[([\w,]+)\]', text):
+            for extra in group.split(","):
+                assert extra in extras, f"Dockerfile.{name} installs missing extra [{extra}]"
     assert 'pip install ".[train]"' in texts["superlink"]  # the ServerApp evaluates with torch
     assert 'pip install ".[train]"' in texts["supernode"]
-    assert 'pip install ".[edge]"' in texts["edge"]
+    assert 'pip install ".[edge,data]"' in texts["edge"]  # compose's edge node partitions
     assert "torch" not in re.sub(r"#.*", "", texts["edge"]), "the edge image must stay torch-free"
     for name in ("superlink", "supernode"):
         assert "download.pytorch.org/whl/cpu" in texts[name], "CPU wheels, not CUDA"

@@ -13,7 +13,7 @@ from flwr.clientapp import ClientApp
 
 from fedge.client_app import secure_client
 from fedge.client_app.protocol import EDGE_NODE_KEY
-from fedge.config import FedgeConfig
+from fedge.config import EDGE_MODE_REFUSAL, FedgeConfig
 from fedge.secagg.messages import Stage
 
 app = ClientApp()
@@ -52,8 +52,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     return _backend(context, config).evaluate(msg, context, config)
 
 
+def _secure_node(context: Context, config: FedgeConfig) -> None:
+    """Edge nodes refuse SecAgg+ at its first stage, so the server hears why at once
+    (the run config refuses it too wherever the server expects edge nodes)."""
+    if is_edge_node(context, config):
+        raise ValueError(EDGE_MODE_REFUSAL)
+
+
 @app.train(Stage.SETUP.value)
 def secagg_setup(msg: Message, context: Context) -> Message:
+    _secure_node(context, FedgeConfig.from_context(context))
     return secure_client.setup(msg, context)
 
 
@@ -65,9 +73,11 @@ def secagg_share_keys(msg: Message, context: Context) -> Message:
 @app.train(Stage.MASKED_INPUT.value)
 def secagg_masked_input(msg: Message, context: Context) -> Message:
     config = FedgeConfig.from_context(context)
-    backend = _backend(context, config)
+    _secure_node(context, config)
+    from fedge.client_app import torch_client
+
     return secure_client.masked_input(
-        msg, context, lambda: backend.local_update(msg, context, config)
+        msg, context, lambda: torch_client.local_update(msg, context, config)
     )
 
 

@@ -14,6 +14,10 @@ EDGE_NODE_KEY = "edge"
 """Node-config flag (`--node-config "edge=true"`): this SuperNode runs the
 torch-free edge learner instead of PyTorch training."""
 
+LOCAL_DATA_KEY = "local-data"
+"""Node-config path (edge nodes): this node's own IDX folder, CSV or .npz, read with
+numpy alone and used whole, so the node needs no partitioner (`fedge[edge]`)."""
+
 CLIP_KEY = "dp-clip"
 """Train-config key: the L2 norm clients clip their update to (DP modes)."""
 

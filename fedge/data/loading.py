@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from fedge.data.bundle import DatasetBundle
 from fedge.data.partition import partition_indices
@@ -18,6 +17,7 @@ from fedge.data.sources import (
     load_digits_pool,
     load_folder_pool,
     load_hf_pool,
+    train_extra,
 )
 from fedge.data.tabular import DEFAULT_COLUMNS, TableColumns
 
@@ -148,9 +148,8 @@ def load_dataset(
     x, y, x_test, y_test = pools
     y, y_test, class_names = encode_classes(name, y, y_test)
     if x_test is None or y_test is None:
-        x, x_test, y, y_test = train_test_split(
-            x, y, test_size=test_fraction, stratify=y, random_state=seed
-        )
+        split = train_extra("sklearn.model_selection", "holding out a test split").train_test_split
+        x, x_test, y, y_test = split(x, y, test_size=test_fraction, stratify=y, random_state=seed)
     x, x_test, statistics = _standardize_tabular(x, x_test)
     for arr in (x, y, x_test, y_test):
         arr.setflags(write=False)
@@ -170,6 +169,15 @@ def load_dataset(
     )
 
 
+def train_val_rows(
+    rows: np.ndarray, val_fraction: float, seed: int | list[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """A client's rows shuffled by `seed`, as (train, val); one row is all training."""
+    rows = np.random.default_rng(seed).permutation(rows)
+    num_val = round(len(rows) * val_fraction) if len(rows) > 1 else 0
+    return rows[num_val:], rows[:num_val]
+
+
 def client_split(
     bundle: DatasetBundle,
     partition_id: int,
@@ -186,10 +194,7 @@ def client_split(
     rows = partition_indices(
         bundle.y_train, partitioner, num_partitions, seed, dirichlet_alpha, classes_per_client
     )[partition_id]
-    rng = np.random.default_rng([seed, partition_id])
-    rows = rng.permutation(rows)
-    num_val = round(len(rows) * val_fraction) if len(rows) > 1 else 0
-    val_rows, train_rows = rows[:num_val], rows[num_val:]
+    train_rows, val_rows = train_val_rows(rows, val_fraction, [seed, partition_id])
     return (
         bundle.x_train[train_rows],
         bundle.y_train[train_rows],

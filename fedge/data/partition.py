@@ -1,24 +1,27 @@
-"""Client partitions of the training pool, made by flwr-datasets partitioners."""
+"""Client partitions of the training pool, made by flwr-datasets partitioners.
+
+flwr-datasets (and the Hugging Face / pyarrow / pandas stack under it) is imported
+only when a pool is partitioned: the lean edge install has none of it, and an edge
+node with its own `local-data` never partitions.
+"""
 
 from __future__ import annotations
 
 import warnings
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
-from datasets import Dataset
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    Partitioner,
-    PathologicalPartitioner,
-)
+
+from fedge.data.sources import train_extra
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from flwr_datasets.partitioner import Partitioner
 
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 MIN_PARTITION_ROWS = 1  # a client needs one row to train on (validation takes none then)
 DIRICHLET_MIN_ROWS = 2  # flwr-datasets redraws a Dirichlet split until each has this many
-
-
 PLAN_SEARCH_STEPS = 5  # each step partitions the pool once
 
 
@@ -33,10 +36,11 @@ def make_partitioner(
     dirichlet_alpha: float,
     classes_per_client: int,
 ) -> Partitioner:
+    partitioners = train_extra("flwr_datasets.partitioner", "partitioning a shared dataset")
     if kind == "iid":
-        return IidPartitioner(num_partitions=num_partitions)
+        return partitioners.IidPartitioner(num_partitions=num_partitions)
     if kind == "dirichlet":
-        return DirichletPartitioner(
+        return partitioners.DirichletPartitioner(
             num_partitions=num_partitions,
             partition_by="label",
             alpha=dirichlet_alpha,
@@ -45,7 +49,7 @@ def make_partitioner(
             seed=seed,
         )
     if kind == "pathological":
-        return PathologicalPartitioner(
+        return partitioners.PathologicalPartitioner(
             num_partitions=num_partitions,
             partition_by="label",
             num_classes_per_partition=classes_per_client,
@@ -156,7 +160,7 @@ def _partitioner_on(
     labels = np.frombuffer(label_bytes, dtype=np.int64)
     partitioner = make_partitioner(kind, num_partitions, seed, *options)  # type: ignore[arg-type]
     order = np.random.default_rng(seed).permutation(len(labels))
-    partitioner.dataset = Dataset.from_dict(
+    partitioner.dataset = train_extra("datasets", "partitioning").Dataset.from_dict(
         {"label": labels[order].tolist(), "row": order.tolist()}
     )
     return partitioner

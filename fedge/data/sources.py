@@ -8,9 +8,11 @@ maps the labels to class indices and turns them into a `DatasetBundle`.
 from __future__ import annotations
 
 import gzip
+import importlib
 import struct
 from functools import partial
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -20,20 +22,32 @@ Pools = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
 """x, y and, when the source ships one, a predefined test split (x_test, y_test)."""
 
 
+def train_extra(module: str, needed_for: str) -> ModuleType:
+    """Import `module` from the `data` extra, or say in one line how to get it.
+
+    The lean edge install (`fedge[edge]`) leaves out scikit-learn and flwr-datasets;
+    an edge node reads its own `local-data` file with numpy alone.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ImportError(
+            f"{needed_for} needs {error.name or module}, which fedge[edge] leaves out: "
+            'pip install "fedge[data]" (fedge[train] includes it), or give this edge node its '
+            "own data with --node-config \"edge=true local-data='/path/to/data.npz'\""
+        ) from error
+
+
 def load_digits_pool() -> Pools:
     """scikit-learn's bundled 8x8 digits, scaled to [0, 1], shaped (N, 1, 8, 8)."""
-    from sklearn.datasets import load_digits
-
-    raw = load_digits()
+    raw = train_extra("sklearn.datasets", "the built-in 'digits'").load_digits()
     x = (raw.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
     return x, raw.target.astype(np.int64), None, None
 
 
 def load_breast_cancer_pool() -> Pools:
     """scikit-learn's bundled Wisconsin breast-cancer table (30 features, 2 classes)."""
-    from sklearn.datasets import load_breast_cancer
-
-    raw = load_breast_cancer()
+    raw = train_extra("sklearn.datasets", "the built-in 'breast-cancer'").load_breast_cancer()
     return raw.data.astype(np.float32), raw.target.astype(np.int64), None, None
 
 
@@ -137,9 +151,8 @@ def load_folder_pool(folder: Path, columns: TableColumns = DEFAULT_COLUMNS) -> P
 
 def load_hf_pool(dataset_id: str) -> Pools:
     """A Hugging Face dataset through flwr-datasets (needs network access)."""
-    from flwr_datasets import FederatedDataset
-
-    federated = FederatedDataset(dataset=dataset_id, partitioners={"train": 1})
+    datasets = train_extra("flwr_datasets", "an 'hf:' dataset")
+    federated = datasets.FederatedDataset(dataset=dataset_id, partitioners={"train": 1})
     try:
         train = federated.load_split("train")
     except Exception as exc:  # offline, unknown id, gated…: one clear message

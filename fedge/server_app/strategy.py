@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -420,7 +421,11 @@ class FedgeAvg(FedAvg):
         if self.privacy is None:
             return self.influence.aggregate(updates, [float(m[WEIGHT_KEY]) for m in metrics])
         unclipped = sum(int(m.get(UNCLIPPED_KEY, 0)) for m in metrics)
-        return self.private_mean(server_round, summed(updates), len(accepted), unclipped)
+        # Zeros for every array: with only edge (head-only) updates the backbone still gets
+        # its noise, or whether a torch client took part would show in the released model.
+        zeros = {name: np.zeros(value.shape) for name, value in self.current_arrays.items()}
+        total = summed([zeros, *updates])
+        return self.private_mean(server_round, total, len(accepted), unclipped)
 
     def private_mean(
         self, server_round: int, total: NamedArrays, num_contributors: int, unclipped: int
