@@ -32,10 +32,14 @@ def run_inprocess(
     server_app: ServerApp | None = None,
     client_app: ClientApp | None = None,
     num_cpus_per_client: float = 1.0,
+    ray_address: str | None = None,
 ) -> Context:
     """Simulate `num_supernodes` nodes; returns the ServerApp's final context.
 
-    Unknown or invalid keys fail here, before Ray starts.
+    Unknown or invalid keys fail here, before Ray starts. `ray_address`
+    ("host:port" of a running cluster's head, as `ray start --head` prints it)
+    puts the ClientApp actors on that cluster's nodes instead of a private Ray
+    started for this run; Flower's Ray backend hands it to `ray.init(address=...)`.
     """
     if server_app is None or client_app is None:
         from fedge.client_app import app as default_client_app
@@ -70,12 +74,24 @@ def run_inprocess(
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
             client_app=client_app,
             server_app=server_app,
-            backend_config={"client_resources": {"num_cpus": num_cpus_per_client}},
+            backend_config=_backend_config(num_cpus_per_client, ray_address),
             server_app_context=server_context,
             app_dir=app_dir,
             is_app=True,
         )
     return result.context
+
+
+def _backend_config(num_cpus_per_client: float, ray_address: str | None) -> dict[str, Any]:
+    """Flower's Ray backend config; `init_args` go to `ray.init` unchanged.
+
+    Without an address Ray starts a private instance, and it would also join the
+    cluster named by RAY_ADDRESS or by the last `ray start` in Ray's default temp dir.
+    """
+    config: dict[str, Any] = {"client_resources": {"num_cpus": num_cpus_per_client}}
+    if ray_address is not None:
+        config["init_args"] = {"address": ray_address}
+    return config
 
 
 class NodeGrid(Grid):
