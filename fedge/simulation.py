@@ -11,6 +11,7 @@ as `flwr run --run-config` would give them.
 
 from __future__ import annotations
 
+import socket
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -48,6 +49,8 @@ def run_inprocess(
         server_app = server_app or default_server_app
         client_app = client_app or default_client_app
     full_config = FedgeConfig.from_run_config(run_config).to_run_config()
+    if ray_address is not None:
+        _check_ray_head(ray_address)
     server_context = Context(
         run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=full_config
     )
@@ -80,6 +83,25 @@ def run_inprocess(
             is_app=True,
         )
     return result.context
+
+
+def _check_ray_head(ray_address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds: `ray.init` retries a head that does not answer for minutes."""
+    host, _, port = ray_address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(
+            f"ray_address={ray_address!r} is not host:port; pass the address that "
+            "`ray start --head` printed, e.g. '10.0.0.1:6379'"
+        )
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as err:
+        raise ConnectionError(
+            f"no Ray head answers at {ray_address} ({err}); start one with "
+            "`ray start --head --port=PORT` and pass its host:PORT, or leave ray_address "
+            "unset for a private single-machine Ray"
+        ) from err
 
 
 def _backend_config(num_cpus_per_client: float, ray_address: str | None) -> dict[str, Any]:
