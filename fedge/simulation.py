@@ -107,8 +107,8 @@ def _check_ray_head(ray_address: str, timeout_s: float = 5.0) -> None:
 def _backend_config(num_cpus_per_client: float, ray_address: str | None) -> dict[str, Any]:
     """Flower's Ray backend config; `init_args` go to `ray.init` unchanged.
 
-    Without an address Ray starts a private instance, and it would also join the
-    cluster named by RAY_ADDRESS or by the last `ray start` in Ray's default temp dir.
+    Without an address, `ray.init` joins the cluster named by RAY_ADDRESS or by the
+    last `ray start --head` in Ray's default temp dir, if any; else a private one starts.
     """
     config: dict[str, Any] = {"client_resources": {"num_cpus": num_cpus_per_client}}
     if ray_address is not None:
