@@ -11,6 +11,7 @@ as `flwr run --run-config` would give them.
 
 from __future__ import annotations
 
+import socket
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -32,10 +33,14 @@ def run_inprocess(
     server_app: ServerApp | None = None,
     client_app: ClientApp | None = None,
     num_cpus_per_client: float = 1.0,
+    ray_address: str | None = None,
 ) -> Context:
     """Simulate `num_supernodes` nodes; returns the ServerApp's final context.
 
-    Unknown or invalid keys fail here, before Ray starts.
+    Unknown or invalid keys fail here, before Ray starts. `ray_address`
+    ("host:port" of a running cluster's head, as `ray start --head` prints it)
+    puts the ClientApp actors on that cluster's nodes instead of a private Ray
+    started for this run; Flower's Ray backend hands it to `ray.init(address=...)`.
     """
     if server_app is None or client_app is None:
         from fedge.client_app import app as default_client_app
@@ -44,6 +49,8 @@ def run_inprocess(
         server_app = server_app or default_server_app
         client_app = client_app or default_client_app
     full_config = FedgeConfig.from_run_config(run_config).to_run_config()
+    if ray_address is not None:
+        _check_ray_head(ray_address)
     server_context = Context(
         run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=full_config
     )
@@ -70,12 +77,43 @@ def run_inprocess(
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
             client_app=client_app,
             server_app=server_app,
-            backend_config={"client_resources": {"num_cpus": num_cpus_per_client}},
+            backend_config=_backend_config(num_cpus_per_client, ray_address),
             server_app_context=server_context,
             app_dir=app_dir,
             is_app=True,
         )
     return result.context
+
+
+def _check_ray_head(ray_address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds: `ray.init` retries a head that does not answer for minutes."""
+    host, _, port = ray_address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(
+            f"ray_address={ray_address!r} is not host:port; pass the address that "
+            "`ray start --head` printed, e.g. '10.0.0.1:6379'"
+        )
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as err:
+        raise ConnectionError(
+            f"no Ray head answers at {ray_address} ({err}); start one with "
+            "`ray start --head --port=PORT` and pass its host:PORT, or leave ray_address "
+            "unset for a private single-machine Ray"
+        ) from err
+
+
+def _backend_config(num_cpus_per_client: float, ray_address: str | None) -> dict[str, Any]:
+    """Flower's Ray backend config; `init_args` go to `ray.init` unchanged.
+
+    Without an address, `ray.init` joins the cluster named by RAY_ADDRESS or by the
+    last `ray start --head` in Ray's default temp dir, if any; else a private one starts.
+    """
+    config: dict[str, Any] = {"client_resources": {"num_cpus": num_cpus_per_client}}
+    if ray_address is not None:
+        config["init_args"] = {"address": ray_address}
+    return config
 
 
 class NodeGrid(Grid):
