@@ -119,7 +119,9 @@ class FedgeConfig:
     # Data and model
     dataset: str = _opt("digits", "digits, breast-cancer, a folder or .csv/.npz path, or hf:<id>")
     label_column: str = _opt("label", "CSV: the target column (numbers or class names)")
-    id_column: str = _opt("", "CSV: a row-id column to leave out of the features")
+    id_column: str = _opt(
+        "", "CSV: a row-id column to leave out of the features; '' = any column named id/index"
+    )
     feature_columns: str = _opt("", "CSV: comma list of feature columns; empty = all others")
     partitioner: str = _opt(
         "dirichlet", "how the pool is split", choices=("iid", "dirichlet", "pathological")

@@ -60,19 +60,19 @@ def test_string_target_becomes_named_classes_and_the_id_column_is_left_out(
     assert bundle.provenance()["id-column"] == "id"
 
 
-def test_an_id_column_used_as_a_feature_is_named_in_a_warning(
+def test_a_column_named_like_an_id_is_left_out_unless_listed_as_a_feature(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     csv = breast_cancer_csv(tmp_path / "data.csv", rows=60)
-    with caplog.at_level(logging.WARNING, logger="fedge.data.tabular"):
+    with caplog.at_level(logging.INFO, logger="fedge.data.tabular"):
         bundle = load_dataset(str(csv), 0.2, SEED, columns("diagnosis"))
-    assert bundle.input_shape == (31,)
-    warned = [r.getMessage() for r in caplog.records]
-    assert len(warned) == 1 and "'id'" in warned[0] and "id-column='id'" in warned[0]
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="fedge.data.tabular"):
-        load_dataset(str(csv), 0.2, SEED, columns("diagnosis", "id"))
-    assert not caplog.records
+    assert bundle.input_shape == (30,)  # the same features as with id-column='id'
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "left out column 'id'" in said[0] and "feature-columns" in said[0]
+    explicit = load_dataset(str(csv), 0.2, SEED, columns("diagnosis", "id"))
+    np.testing.assert_array_equal(bundle.x_train, explicit.x_train)
+    kept = load_dataset(str(csv), 0.2, SEED, columns("diagnosis", features="id,mean_radius"))
+    assert kept.input_shape == (2,)
 
 
 def test_unique_integers_per_row_are_flagged_whatever_the_column_is_called(

@@ -149,18 +149,22 @@ def labels_from_cells(path: Path, name: str, cells: np.ndarray) -> np.ndarray:
     return values.astype(np.int64)
 
 
+def _named_id(name: str) -> bool:
+    return name.lower() in ID_NAMES
+
+
 def _warn_if_id_like(path: Path, name: str, values: np.ndarray) -> None:
-    """A row number used as a feature lets a model memorise rows; say so once, with the fix."""
+    """A row number used as a feature lets a model memorise rows; say so once, with the fix.
+
+    (A column *named* like an id is left out unless feature-columns lists it.)
+    """
     integers = (values == np.round(values)).all()
-    unique_per_row = integers and len(values) > 1 and len(np.unique(values)) == len(values)
-    if name.lower() in ID_NAMES or unique_per_row:
-        reason = "is named so" if name.lower() in ID_NAMES else "holds a distinct integer per row"
+    if integers and len(values) > 1 and len(np.unique(values)) == len(values):
         log.warning(
-            "%s: column %r looks like a row id (it %s) and is used as a feature; "
-            "set id-column='%s' to leave it out",
+            "%s: column %r looks like a row id (it holds a distinct integer per row) and is "
+            "used as a feature; set id-column='%s' to leave it out",
             path,
             name,
-            reason,
             name,
         )
 
@@ -190,8 +194,16 @@ def read_csv(path: Path, columns: TableColumns) -> tuple[np.ndarray, np.ndarray]
             "remove it from feature-columns"
         )
     features = list(columns.features) or [
-        name for name in named if name not in (columns.label, columns.id)
+        name for name in named if name not in (columns.label, columns.id) and not _named_id(name)
     ]
+    if not columns.features and not columns.id:
+        for name in filter(_named_id, named):
+            log.info(
+                "%s: left out column %r, named like a row id; list it in feature-columns "
+                "to train on it",
+                path,
+                name,
+            )
     if not features:
         raise ValueError(f"{path} has no feature columns besides {columns.label!r}")
     x = np.empty((len(rows), len(features)), dtype=np.float32)
