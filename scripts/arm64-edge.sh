@@ -124,12 +124,26 @@ print(f"{dt:.3f} {\",\".join(heavy) or \"-\"}")'
     "$bytes" "$(IFS=,; echo "${runs[*]}")" "$heavy" >"$OUT/install.json"
 }
 
+processes_in_root() {
+  # Pids whose root directory is our arm64 root: only this script starts those.
+  local proc
+  for proc in /proc/[0-9]*; do
+    [[ $(readlink "$proc/root" 2>/dev/null) == "$ROOT" ]] && echo "${proc#/proc/}"
+  done
+  return 0
+}
+
 cleanup() {
-  local code=$?
+  local code=$? pid
+  trap - EXIT INT TERM
   if [[ -n ${DRIVER_PID:-} ]] && kill -0 "$DRIVER_PID" 2>/dev/null; then
-    kill "$DRIVER_PID" 2>/dev/null || true
+    kill "$DRIVER_PID" 2>/dev/null || true # it stops the federation it started
     wait "$DRIVER_PID" 2>/dev/null || true
   fi
+  for pid in $(processes_in_root); do
+    log "stopping leftover process $pid in the root"
+    kill -KILL "$pid" 2>/dev/null || true
+  done
   unmount_root
   exit "$code"
 }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import threading
@@ -33,6 +34,9 @@ VENV = os.environ["FEDGE_ARM64_VENV"]
 OUT = Path(os.environ["FEDGE_ARM64_OUT"])
 ROUNDS = int(os.environ.get("FEDGE_ARM64_ROUNDS", "3"))
 EDGE = 2  # the arm64 node's index and partition (of 3)
+# digits as an .npz, at the same path on the host and in the root: every node reads it with
+# numpy alone (a lean edge install has no scikit-learn for the built-in `digits`).
+DATA = OUT / "data" / "digits.npz"
 GUEST_RUN = "/opt/fedge-run"  # inside the root: the node's certificate, key and FLWR_HOME
 RUN_TIMEOUT = 3600.0
 
@@ -106,8 +110,43 @@ class PeakMemory:
             self.peak_total_kb = max(self.peak_total_kb, total)
 
 
+def write_dataset() -> None:
+    from fedge.data.sources import load_digits_pool
+
+    x, y, _, _ = load_digits_pool()
+    for path in (DATA, ROOT / str(DATA).lstrip("/")):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, x=x, y=y)
+
+
+def edge_local_data(federation: LocalDeployment) -> str:
+    """Where fedge supports it (node config `local-data`, numpy only), the edge node gets its
+    own partition as a file, so a lean install needs no scikit-learn to partition; else it
+    partitions the shared dataset itself. Says which."""
+    from fedge.client_app import protocol
+
+    key = getattr(protocol, "LOCAL_DATA_KEY", None)
+    if key is None:
+        return f"shared dataset, partition {EDGE} of 3 (partitioned on the node)"
+    from flwr.app import Context, RecordDict
+
+    from fedge.client_app.local_data import local_data
+    from fedge.config import FedgeConfig
+
+    config = FedgeConfig.from_run_config(run_config("data", 3))
+    spec = federation.nodes[EDGE]
+    context = Context(0, EDGE + 1, dict(spec.node_config), RecordDict(), config.to_run_config())
+    data = local_data(config, context)
+    guest = f"{GUEST_RUN}/local-data.npz"
+    x = np.concatenate([data.x_train, data.x_val])
+    np.savez(ROOT / guest.lstrip("/"), x=x, y=np.concatenate([data.y_train, data.y_val]))
+    spec.node_config[key] = guest
+    return f"node's own {key} file: partition {EDGE} of 3 ({len(x)} rows) written on the host"
+
+
 def run_config(name: str, nodes: int) -> dict[str, Any]:
     return {
+        "dataset": str(DATA),
         "num-server-rounds": ROUNDS,
         "edge-backbone": "int8",
         "min-train-nodes": nodes,
@@ -145,10 +184,13 @@ def head_distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
 def main() -> None:
     from deploy_helpers import app_copy
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the nodes
+
     shutil.rmtree(OUT / "outputs", ignore_errors=True)
     shutil.rmtree(OUT / "deploy", ignore_errors=True)
     shutil.rmtree(OUT / "app", ignore_errors=True)
     app = app_copy(OUT / "app")
+    write_dataset()
     federation = MixedDeployment(
         3,
         OUT / "deploy",
@@ -157,6 +199,8 @@ def main() -> None:
         workdir=OUT,
         startup_timeout=900,
     )
+    (ROOT / GUEST_RUN.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    edge_data = edge_local_data(federation)
     try:
         started = time.monotonic()
         with PeakMemory() as memory:
@@ -175,6 +219,7 @@ def main() -> None:
     result = {
         "emulation": "qemu-user aarch64 on x86-64 (not a Raspberry Pi)",
         "checkout": str(CHECKOUT),
+        "edge_node_data": edge_data,
         "site_packages_mb": round(install["site_packages_bytes"] / 1e6, 1),
         "edge_clientapp_cold_import_s": {
             "first": imports[0],
