@@ -85,7 +85,20 @@ in_root() {
     PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180 "$@"
 }
 
+source_stamp() {
+  # What pip installs from CHECKOUT: its path and the content of pyproject.toml and fedge/.
+  echo "$CHECKOUT"
+  (cd "$CHECKOUT" && git ls-files -z --cached --others --exclude-standard -- pyproject.toml fedge \
+    | xargs -0 sha256sum)
+}
+
 install_fedge() {
+  local stamp
+  stamp=$(source_stamp | sha256sum | cut -d' ' -f1)
+  if [[ $(cat "$ROOT$VENV/.fedge-stamp" 2>/dev/null) == "$stamp" ]]; then
+    log "reusing $ROOT$VENV: fedge[edge] from this checkout is installed there"
+    return
+  fi
   # Network settings the root needs to reach PyPI as this machine does.
   cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
   cp "$(realpath /etc/ssl/certs/ca-certificates.crt)" "$ROOT/etc/ssl/certs/ca-certificates.crt"
@@ -99,21 +112,25 @@ install_fedge() {
   in_root python3 -m venv "$VENV"
   in_root "$VENV/bin/pip" install --only-binary=:all: --no-binary=fedge \
     --cert /etc/ssl/certs/ca-certificates.crt "$SRC[edge]" >&2
-  in_root "$VENV/bin/pip" list --format=freeze >"$OUT/pip-freeze.txt"
+  in_root "$VENV/bin/pip" list --format=freeze >"$ROOT$VENV/pip-freeze.txt"
+  echo "$stamp" >"$ROOT$VENV/.fedge-stamp"
 }
 
 measure_install() {
   local site bytes
   site=$(in_root "$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   bytes=$(du -sb "$ROOT$site" | cut -f1)
+  cp "$ROOT$VENV/pip-freeze.txt" "$OUT/pip-freeze.txt"
   log "site-packages: $bytes bytes"
-  # Cold import = a fresh interpreter each time; the first is the first since install.
+  # Cold import of what an edge node's first message loads (the ClientApp and its edge
+  # backend): a fresh interpreter each time, three times.
   local probe='import sys, time
 t = time.perf_counter()
-import fedge.client_app.app
+import fedge.client_app.app, fedge.edge.client
 dt = time.perf_counter() - t
-heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "sklearn", "scipy", "pandas", "pyarrow", "datasets", "matplotlib"})
-print(f"{dt:.3f} {\",\".join(heavy) or \"-\"}")'
+stack = {"torch", "sklearn", "scipy", "pandas", "pyarrow", "datasets", "matplotlib"}
+heavy = sorted({m.split(".")[0] for m in sys.modules} & stack)
+print("%.3f %s" % (dt, ",".join(heavy) or "-"))'
   local runs=() heavy=""
   for _ in 1 2 3; do
     read -r t heavy < <(in_root "$VENV/bin/python" -c "$probe")
@@ -159,7 +176,7 @@ main() {
   measure_install
   log "federation: SuperLink + 2 x86 torch SuperNodes on 127.0.0.1, 1 arm64 edge SuperNode"
   # The driver (host side, fedge from CHECKOUT) stops every process it started, even on error.
-  PYTHONPATH="$CHECKOUT" FEDGE_ARM64_ROOT="$ROOT" FEDGE_ARM64_VENV="$VENV" \
+  PYTHONPATH="$CHECKOUT${PYTHONPATH:+:$PYTHONPATH}" FEDGE_ARM64_ROOT="$ROOT" FEDGE_ARM64_VENV="$VENV" \
     FEDGE_ARM64_OUT="$OUT" FEDGE_ARM64_ROUNDS="$ROUNDS" FEDGE_CHECKOUT="$CHECKOUT" \
     "$HOST_PYTHON" "$SCRIPT_DIR/arm64_federation.py" &
   DRIVER_PID=$!
