@@ -11,7 +11,8 @@
 #    SuperNodes, and an edge SuperNode (edge=true, partition 2 of 3) inside the arm64 root; runs
 #    3 rounds with an int8 backbone; then, with the arm64 node stopped, the same run twice more
 #    (the second time as a control), to compare the final global head with and without it.
-# 5. Prints one JSON object (also written to $FEDGE_ARM64_OUT/result.json).
+# 5. Prints one JSON object (also written to $FEDGE_ARM64_OUT/result.json), with
+#    "federation_error" next to what was measured if the federation did not finish (exit 1).
 #
 # Everything listens on 127.0.0.1 only. The chroot gets /proc and /dev, never /sys
 # (onnxruntime's cpuinfo crashes on the host's /sys under qemu). Processes are stopped and
@@ -180,9 +181,12 @@ main() {
     FEDGE_ARM64_OUT="$OUT" FEDGE_ARM64_ROUNDS="$ROUNDS" FEDGE_CHECKOUT="$CHECKOUT" \
     "$HOST_PYTHON" "$SCRIPT_DIR/arm64_federation.py" &
   DRIVER_PID=$!
-  wait "$DRIVER_PID"
+  local status=0
+  wait "$DRIVER_PID" || status=$?
   DRIVER_PID=
+  # One JSON object, also when the federation failed (then it holds "federation_error").
   cat "$OUT/result.json"
+  return "$status"
 }
 
 if $BUILD_ONLY; then

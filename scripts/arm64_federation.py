@@ -181,7 +181,49 @@ def head_distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     return float(max(np.abs(a[name] - b[name]).max() for name in a))
 
 
-def main() -> None:
+def install_summary() -> dict[str, Any]:
+    """What arm64-edge.sh measured before the federation (install.json)."""
+    install = json.loads((OUT / "install.json").read_text())
+    imports = install["import_seconds"]
+    return {
+        "emulation": "qemu-user aarch64 on x86-64 (not a Raspberry Pi)",
+        "checkout": str(CHECKOUT),
+        "site_packages_mb": round(install["site_packages_bytes"] / 1e6, 1),
+        "edge_clientapp_cold_import_s": {
+            "runs": imports,
+            "median": statistics.median(imports),
+            "heavy_modules_loaded": install["import_loaded"],
+        },
+    }
+
+
+def federation_summary(
+    with_edge: dict[str, Any], without: dict[str, Any], control: dict[str, Any], memory: PeakMemory
+) -> dict[str, Any]:
+    rows = with_edge["rows"]
+    changed = head_distance(with_edge["head"], without["head"])
+    noise = head_distance(without["head"], control["head"])
+    return {
+        "round_seconds_with_edge": [row["seconds"] for row in rows],
+        "round_seconds_without_edge": [row["seconds"] for row in without["rows"]],
+        "replies_rejected_per_round": [[r["num_replies"], r["num_rejected"]] for r in rows],
+        "edge_reply_accepted_every_round": all(
+            r["num_replies"] == 3 and r["num_rejected"] == 0 for r in rows
+        ),
+        "test_accuracy_with_edge": [r.get("test_accuracy") for r in rows],
+        "edge_node_peak_rss_mb": {
+            "supernode_vmhwm": round(memory.peak_kb.get("flower-supernode", 0) / 1024, 1),
+            "clientapp_vmhwm": round(memory.peak_kb.get("flwr-clientapp", 0) / 1024, 1),
+            "all_processes_vmrss_sum": round(memory.peak_total_kb / 1024, 1),
+        },
+        "head_max_abs_diff_with_vs_without_edge": changed,
+        "head_max_abs_diff_control_without_vs_without": noise,
+        "head_changed_by_edge": changed > 100 * noise + 1e-6,
+    }
+
+
+def main() -> int:
+    """Writes result.json whatever happens to the federation; 1 if it did not finish."""
     from deploy_helpers import app_copy
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the nodes
@@ -200,57 +242,25 @@ def main() -> None:
         startup_timeout=900,
     )
     (ROOT / GUEST_RUN.lstrip("/")).mkdir(parents=True, exist_ok=True)
-    edge_data = edge_local_data(federation)
+    result = {**install_summary(), "edge_node_data": edge_local_data(federation)}
     try:
         started = time.monotonic()
         with PeakMemory() as memory:
             federation.start()
-            startup = time.monotonic() - started
+            result["edge_supernode_startup_s"] = round(time.monotonic() - started, 1)
             with_edge = run(federation, app, "with-edge", 3)
         federation.stop_node(EDGE)
         without = run(federation, app, "without-edge", 2)
         control = run(federation, app, "without-edge-again", 2)
+        result.update(federation_summary(with_edge, without, control, memory))
+    except Exception as error:  # reported in the JSON next to what was measured
+        result["federation_error"] = f"{type(error).__name__}: {error}"
     finally:
         federation.stop()
-        leftovers = federation.leftover_processes()
-    rows = with_edge["rows"]
-    install = json.loads((OUT / "install.json").read_text())
-    imports = install["import_seconds"]
-    result = {
-        "emulation": "qemu-user aarch64 on x86-64 (not a Raspberry Pi)",
-        "checkout": str(CHECKOUT),
-        "edge_node_data": edge_data,
-        "site_packages_mb": round(install["site_packages_bytes"] / 1e6, 1),
-        "edge_clientapp_cold_import_s": {
-            "first": imports[0],
-            "median_of_3": statistics.median(imports),
-            "heavy_modules_loaded": install["import_loaded"],
-        },
-        "edge_supernode_startup_s": round(startup, 1),
-        "round_seconds_with_edge": [row["seconds"] for row in rows],
-        "round_seconds_without_edge": [row["seconds"] for row in without["rows"]],
-        "replies_rejected_per_round": [[r["num_replies"], r["num_rejected"]] for r in rows],
-        "edge_reply_accepted_every_round": all(
-            r["num_replies"] == 3 and r["num_rejected"] == 0 for r in rows
-        ),
-        "test_accuracy_with_edge": [r.get("test_accuracy") for r in rows],
-        "edge_node_peak_rss_mb": {
-            "supernode_vmhwm": round(memory.peak_kb.get("flower-supernode", 0) / 1024, 1),
-            "clientapp_vmhwm": round(memory.peak_kb.get("flwr-clientapp", 0) / 1024, 1),
-            "all_processes_vmrss_sum": round(memory.peak_total_kb / 1024, 1),
-        },
-        "head_max_abs_diff_with_vs_without_edge": head_distance(with_edge["head"], without["head"]),
-        "head_max_abs_diff_control_without_vs_without": head_distance(
-            without["head"], control["head"]
-        ),
-        "leftover_processes": leftovers,
-    }
-    result["head_changed_by_edge"] = (
-        result["head_max_abs_diff_with_vs_without_edge"]
-        > 100 * result["head_max_abs_diff_control_without_vs_without"] + 1e-6
-    )
-    (OUT / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        result["leftover_processes"] = federation.leftover_processes()
+        (OUT / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 1 if "federation_error" in result else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
