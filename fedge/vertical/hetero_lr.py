@@ -147,14 +147,55 @@ def check_batch(batch: Sequence[int], rows: int, min_batch: int) -> np.ndarray:
 class Party:
     """What guest and host share: standardized columns, own weights, own key."""
 
-    def __init__(self, x: np.ndarray, settings: Settings) -> None:
+    _pending: tuple[str, ...] = ()
+    """Attributes a step leaves for the next one (saved between Flower messages)."""
+
+    def __init__(
+        self, x: np.ndarray, settings: Settings, state: dict[str, object] | None = None
+    ) -> None:
+        """A fresh party (new key) or, given `state`, the one that saved it."""
         mean, std = x.mean(axis=0), x.std(axis=0)
         self.x = (x - mean) / np.where(std > 0, std, 1.0)
         self.scale = (mean, std)
         self.settings = settings
         self.w = np.zeros(x.shape[1])
+        self.bias = 0.0
         self.public, self._private = generate_key(settings.key_bits)
         self.peer: PaillierPublicKey | None = None
+        self.peer_features = 0
+        for name in self._pending:
+            setattr(self, name, [])
+        if state is None:
+            self.public, self._private = generate_key(settings.key_bits)
+        else:
+            self.restore(state)
+
+    def state(self) -> dict[str, object]:
+        """Everything this party must keep between messages (its own, never sent)."""
+        out: dict[str, object] = {
+            "p": str(self._private.p),
+            "q": str(self._private.q),
+            "peer-n": str(self.peer.n if self.peer else 0),
+            "peer-features": self.peer_features,
+            "w": self.w.tobytes(),
+            "bias": self.bias,
+        }
+        for name in self._pending:
+            out[name] = [str(int(v)) for v in getattr(self, name)]
+        return out
+
+    def restore(self, state: dict[str, object]) -> None:
+        """Take back what `state` saved (the key, weights and any step in flight)."""
+        p, q = int(str(state["p"])), int(str(state["q"]))
+        self.public = PaillierPublicKey(p * q)
+        self._private = PaillierPrivateKey(self.public, p, q)
+        peer_n = int(str(state["peer-n"]))
+        self.peer = PaillierPublicKey(peer_n) if peer_n else None
+        self.peer_features = int(state["peer-features"])  # type: ignore[call-overload]
+        self.w = np.frombuffer(state["w"], dtype=np.float64).copy()  # type: ignore[call-overload]
+        self.bias = float(state["bias"])  # type: ignore[arg-type]
+        for name in self._pending:
+            setattr(self, name, [int(v) for v in state.get(name, [])])  # type: ignore[attr-defined]
 
     def meet(self, peer_key: bytes, peer_features: int) -> None:
         """Take the peer's public key and column count (public metadata of the run)."""
@@ -163,9 +204,6 @@ class Party:
 
     def _step(self, grad: np.ndarray) -> None:
         self.w -= self.settings.lr * (grad + self.settings.l2 * self.w)
-
-    def penalty(self) -> float:
-        return 0.5 * self.settings.l2 * float(self.w @ self.w)
 
     def scores(self, x: np.ndarray) -> np.ndarray:
         """This party's share of the logit for raw rows of its columns."""
@@ -182,27 +220,26 @@ def _gradient(x: np.ndarray, d: Cipher) -> Cipher:
 class Host(Party):
     """Holds columns only; never sees a label or the guest's columns."""
 
-    def __init__(self, x: np.ndarray, settings: Settings) -> None:
-        super().__init__(x, settings)
-        self._pads: list[int] = []
-        self._exps: list[int] = []
-        self._u: np.ndarray | None = None
+    _pending = ("_pads", "_exps", "_idx")
 
     def logits(self, batch: Sequence[int]) -> dict[str, bytes]:
         """Step 1: [[u]] and [[u²]] under our key, u = X_h w_h on the batch."""
         idx = check_batch(batch, len(self.x), self.settings.min_batch)
-        self._idx, self._u = idx, self.x[idx] @ self.w
-        enc = [self.public.encrypt(float(v)) for v in self._u]
-        enc_sq = [self.public.encrypt(float(v * v)) for v in self._u]
+        self._idx = idx.tolist()
+        u = self.x[idx] @ self.w
+        enc = [self.public.encrypt(float(v)) for v in u]
+        enc_sq = [self.public.encrypt(float(v * v)) for v in u]
         return {**_prefix("u", pack(enc)), **_prefix("u2", pack(enc_sq))}
 
     def gradients(self, reply: dict[str, bytes]) -> tuple[dict[str, bytes], tuple[int, int]]:
         """Step 3: [[d]] = [[e]]_G + u/4 → our padded gradient under the guest's key;
         decrypt the guest's padded gradient and padded loss (ours to decrypt, theirs to read)."""
-        m = len(self._idx)
-        e = unpack(_strip("e", reply), self.peer, m)
-        d = [ei + float(0.25 * ui) for ei, ui in zip(e, self._u, strict=True)]
-        grad, self._pads = mask(_gradient(self.x[self._idx], d))
+        if not self._idx:
+            raise VerticalError("gradients asked for before logits: refused")
+        x = self.x[np.asarray(self._idx)]
+        e = unpack(_strip("e", reply), self.peer, len(x))
+        d = [ei + float(0.25 * ui) for ei, ui in zip(e, x @ self.w, strict=True)]
+        grad, self._pads = mask(_gradient(x, d))
         self._exps = [g.exponent for g in grad]
         guest_grad = unpack(_strip("g", reply), self.public, self.peer_features + 1)
         loss = unpack(_strip("loss", reply), self.public, 1)
@@ -221,13 +258,20 @@ class Host(Party):
 class Guest(Party):
     """Holds the labels (0/1) and its columns, plus the intercept."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, settings: Settings) -> None:
-        super().__init__(x, settings)
+    _pending = ("_gpads", "_gexps")
+
+    def __init__(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        settings: Settings,
+        state: dict[str, object] | None = None,
+    ) -> None:
+        super().__init__(x, settings, state)
         labels = np.asarray(y, dtype=np.float64)
         if not np.all(np.isin(labels, (0.0, 1.0))):
             raise VerticalError("the label column must hold 0/1 values for logistic regression")
         self.y = 2.0 * labels - 1.0
-        self.bias = 0.0
 
     def residuals(
         self, batch: Sequence[int], host: dict[str, bytes]

@@ -87,21 +87,47 @@ def _check_points(points: Sequence[bytes], what: str, max_ids: int, ours: set[by
 class PsiParty:
     """One party's side of a two-way PSI; fresh keys per run, used for one intersection."""
 
-    def __init__(self, ids: Sequence[str], *, max_ids: int) -> None:
+    def __init__(
+        self, ids: Sequence[str], *, max_ids: int, state: dict[str, bytes] | None = None
+    ) -> None:
+        """Fresh keys, or (given `state`) the keys and messages this party saved."""
         self.ids = check_ids(ids, max_ids=max_ids)
         self.max_ids = max_ids
-        self._server = psi.server.CreateWithNewKey(True)
-        self._client = psi.client.CreateWithNewKey(True)
         self._peer_setup = None
         self._sent: set[bytes] = set()
+        if state is None:
+            self._server = psi.server.CreateWithNewKey(True)
+            self._client = psi.client.CreateWithNewKey(True)
+            return
+        self._server = psi.server.CreateFromKey(state["server-key"], True)
+        self._client = psi.client.CreateFromKey(state["client-key"], True)
+        self._remember(
+            psi.ServerSetup.FromString(state["setup"]), psi.Request.FromString(state["request"])
+        )
+        if state.get("peer-setup"):
+            self._peer_setup = psi.ServerSetup.FromString(state["peer-setup"])
+
+    def state(self) -> dict[str, bytes]:
+        """Keys and messages to resume from (this party's secrets: never sent)."""
+        offer = self._offer
+        return {
+            "server-key": self._server.GetPrivateKeyBytes(),
+            "client-key": self._client.GetPrivateKeyBytes(),
+            "setup": offer.setup,
+            "request": offer.request,
+            "peer-setup": self._peer_setup.SerializeToString() if self._peer_setup else b"",
+        }
+
+    def _remember(self, setup: Any, request: Any) -> None:
+        self._offer = Offer(setup.SerializeToString(), request.SerializeToString())
+        self._request_size = len(request.encrypted_elements)
+        self._sent = set(setup.raw.encrypted_elements) | set(request.encrypted_elements)
 
     def offer(self) -> Offer:
         """Our IDs blinded with our server key (setup) and our client key (request)."""
         setup = self._server.CreateSetupMessage(0.0, 1, self.ids, psi.DataStructure.RAW)
-        request = self._client.CreateRequest(self.ids)
-        self._request_size = len(request.encrypted_elements)
-        self._sent = set(setup.raw.encrypted_elements) | set(request.encrypted_elements)
-        return Offer(setup.SerializeToString(), request.SerializeToString())
+        self._remember(setup, self._client.CreateRequest(self.ids))
+        return self._offer
 
     def answer(self, peer: Offer) -> bytes:
         """Check the peer's offer, keep its setup, and blind its request with our key."""
