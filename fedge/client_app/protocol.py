@@ -107,3 +107,11 @@ def reported_examples(num_examples: int, train_config: Mapping[str, object]) -> 
     if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1:
         return min(num_examples, cap)
     return num_examples
+
+ROLE_KEY = "role"
+"""Node-config key (vertical runs): 'guest' holds the labels, 'host' does not. Without
+it a simulated node takes partition 0 → guest, 1 → host."""
+
+VERTICAL_KEY = "vertical"
+VERTICAL_STAGE_KEY = "vertical-stage"
+"""Vertical messages: one ConfigRecord named `vertical`, its stage under `vertical-stage`."""
