@@ -1,0 +1,186 @@
+"""The coordinator ServerApp of a vertical run (the arbiter): it relays, it holds no key.
+
+It finds one guest and one host, has them align rows by PSI, then runs hetero LR
+batch by batch: host `logits` → guest `residuals` → host `gradients` → guest `unmask`,
+the host applying each unpadded gradient with the next batch. It forwards only the
+keys each stage's receiver expects (so a party cannot slip anything else to the
+other), learns the loss from the host's padded value and the guest's pad, and stops
+on `vertical-tol` or after `num-server-rounds` epochs.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedge.client_app.protocol import VERTICAL_KEY, VERTICAL_STAGE_KEY
+from fedge.config import FedgeConfig
+from fedge.server_app.validation import client_error
+from fedge.vertical.errors import VerticalError
+from fedge.vertical.hetero_lr import loss_from_pad
+
+coordinator_app = ServerApp()
+
+RESULT_KEY = "vertical-result"
+"""Server-context record the run's outcome lands in (rows, epochs, per-epoch loss)."""
+
+_CIPHER = ("c", "e")
+RELAYED = {
+    "psi-answer": ("setup", "request"),
+    "psi-intersect": ("answer",),
+    "meet": ("key", "features"),
+    "residuals": tuple(f"{n}-{k}" for n in ("u", "u2") for k in _CIPHER),
+    "gradients": tuple(f"{n}-{k}" for n in ("e", "g", "loss") for k in _CIPHER),
+    "unmask": (*(f"h-{k}" for k in _CIPHER), "gg-v", "gg-e"),
+    "logits": ("hg-v", "hg-e"),
+    "apply": ("hg-v", "hg-e"),
+}
+"""For each stage, the keys of the peer's last reply forwarded to its receiver."""
+
+
+class Coordinator:
+    """Drives one vertical run over a Flower Grid; sees ciphertexts, pads and the loss."""
+
+    def __init__(self, grid: Grid, config: FedgeConfig) -> None:
+        self.grid, self.config = grid, config
+        self.nodes: dict[str, int] = {}
+        self.features: dict[str, int] = {}
+        self.host_key = b""
+
+    def ask(self, role: str, stage: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One stage on one party; an error reply or a missing reply fails the run."""
+        return self.ask_both({role: (stage, payload or {})})[role]
+
+    def ask_both(self, asks: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+        messages = {
+            role: Message(
+                RecordDict({VERTICAL_KEY: ConfigRecord({VERTICAL_STAGE_KEY: stage, **payload})}),
+                dst_node_id=self.nodes[role],
+                message_type=MessageType.QUERY,
+            )
+            for role, (stage, payload) in asks.items()
+        }
+        replies = list(
+            self.grid.send_and_receive(list(messages.values()), timeout=self.config.round_timeout)
+        )
+        by_node = {r.metadata.src_node_id: r for r in replies}
+        out = {}
+        for role, (stage, _) in asks.items():
+            reply = by_node.get(self.nodes[role])
+            if reply is None:
+                raise VerticalError(
+                    f"the {role} did not answer stage {stage!r} within round-timeout="
+                    f"{self.config.round_timeout}s: the run stops (a party dropped?)"
+                )
+            if reply.has_error():
+                raise VerticalError(f"the {role} refused stage {stage!r}: {client_error(reply)}")
+            record = reply.content.config_records.get(VERTICAL_KEY)
+            if record is None:
+                raise VerticalError(f"the {role}'s reply to {stage!r} has no vertical record")
+            out[role] = dict(record)
+        return out
+
+    def relay(self, stage: str, reply: dict[str, Any]) -> dict[str, Any]:
+        """The keys `stage`'s receiver expects from its peer's reply, nothing else."""
+        missing = [k for k in RELAYED[stage] if k not in reply]
+        if missing:
+            raise VerticalError(f"a party's reply lacks {missing} needed for stage {stage!r}")
+        return {k: reply[k] for k in RELAYED[stage]}
+
+    def find_parties(self) -> None:
+        """Wait for exactly one guest and one host."""
+        deadline = time.monotonic() + self.config.round_timeout
+        while len(nodes := list(self.grid.get_node_ids())) < 2:
+            if time.monotonic() > deadline:
+                raise VerticalError("fewer than two parties joined within round-timeout")
+            time.sleep(1.0)
+        if len(nodes) != 2:
+            raise VerticalError(
+                f"a vertical run takes two parties (a guest, a host), not {len(nodes)}"
+            )
+        self.nodes = {f"node {n}": n for n in nodes}
+        hello = self.ask_both({name: ("hello", {}) for name in self.nodes})
+        roles = {hello[name].get("role"): node for name, node in self.nodes.items()}
+        if set(roles) != {"guest", "host"}:
+            raise VerticalError(
+                f"roles {sorted(map(str, roles))}: a vertical run needs one role='guest' "
+                "and one role='host' node"
+            )
+        self.nodes = roles
+        self.features = {h["role"]: int(h["features"]) for h in hello.values()}
+
+    def align(self) -> int:
+        """PSI both ways, then exchange Paillier keys; returns the shared row count."""
+        offers = self.ask_both({"guest": ("psi-offer", {}), "host": ("psi-offer", {})})
+        answers = self.ask_both(
+            {
+                "guest": ("psi-answer", self.relay("psi-answer", offers["host"])),
+                "host": ("psi-answer", self.relay("psi-answer", offers["guest"])),
+            }
+        )
+        done = self.ask_both(
+            {
+                "guest": ("psi-intersect", self.relay("psi-intersect", answers["host"])),
+                "host": ("psi-intersect", self.relay("psi-intersect", answers["guest"])),
+            }
+        )
+        self.host_key = done["host"]["key"]
+        rows = {role: int(done[role]["rows"]) for role in done}
+        if rows["guest"] != rows["host"]:
+            raise VerticalError(f"the parties found different intersections {rows}: stopped")
+        keys = {role: {"key": done[role]["key"], "features": self.features[role]} for role in done}
+        self.ask_both({"guest": ("meet", keys["host"]), "host": ("meet", keys["guest"])})
+        return rows["guest"]
+
+    def batch(self, batch: np.ndarray, pending: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        """One batch's four messages; returns its loss and the host's pending gradient."""
+        index = {"batch": batch.astype(np.int64).tobytes()}
+        host = self.ask("host", "logits", {**index, **pending})
+        guest = self.ask("guest", "residuals", {**index, **self.relay("residuals", host)})
+        host = self.ask("host", "gradients", self.relay("gradients", guest))
+        loss = loss_from_pad(
+            (int(str(host["loss-value"])), int(host["loss-exp"])),
+            (int(str(guest["loss-pad"])), int(guest["loss-exp"])),
+            self.host_key,
+        )
+        guest = self.ask("guest", "unmask", self.relay("unmask", host))
+        return loss, self.relay("logits", guest)
+
+    def train(self, rows: int) -> list[float]:
+        """Epochs of shuffled mini-batches until the loss settles; the per-epoch loss."""
+        rng = np.random.default_rng(self.config.seed)
+        size = max(self.config.batch_size, self.config.vertical_min_batch)
+        losses: list[float] = []
+        pending: dict[str, Any] = {}
+        for epoch in range(self.config.num_server_rounds):
+            order = rng.permutation(rows)
+            cuts = range(size, rows - size + 1, size)  # the last batch takes the remainder
+            batch_losses = []
+            for batch in np.split(order, list(cuts)):
+                loss, pending = self.batch(batch, pending)
+                batch_losses.append(loss)
+            losses.append(float(np.mean(batch_losses)))
+            log(INFO, "vertical epoch %d: loss %.5f", epoch + 1, losses[-1])
+            if epoch and losses[-2] - losses[-1] < self.config.vertical_tol:
+                break
+        self.ask("host", "apply", pending)
+        return losses
+
+
+@coordinator_app.main()
+def coordinate(grid: Grid, context: Context) -> None:
+    """Align, train, and leave the result in the server context."""
+    config = FedgeConfig.from_context(context)
+    run = Coordinator(grid, config)
+    run.find_parties()
+    rows = run.align()
+    losses = run.train(rows)
+    context.state.config_records[RESULT_KEY] = ConfigRecord(
+        {"rows": rows, "epochs": len(losses), "loss": losses}
+    )

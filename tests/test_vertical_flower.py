@@ -1,0 +1,157 @@
+"""The vertical apps over Flower messages: a coordinator ServerApp and two party ClientApps.
+
+Messages cross Flower's wire format (message_to_proto/message_from_proto); the apps,
+the PSI and the Paillier arithmetic run for real, only delivery is in-process.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedge.config import FedgeConfig
+from fedge.simulation import NodeGrid
+from fedge.vertical.coordinator import RESULT_KEY, coordinate
+from fedge.vertical.data import PartyTable, breast_cancer_parties, write_party_csv
+from fedge.vertical.errors import VerticalError
+from fedge.vertical.party import party_app
+
+GUEST, HOST = 11, 22
+
+
+@pytest.fixture(autouse=True)
+def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Instruction messages carry the sending task's identity (Flower sets it at runtime)."""
+    for attr, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+class PartyGrid(NodeGrid):
+    """Delivers each message to a party ClientApp; a party's exception becomes an error
+    reply (as a SuperNode sends it); `drop_after` makes a node go silent."""
+
+    def __init__(self, contexts: dict[int, Context], drop_after: dict[int, int] | None = None):
+        super().__init__(contexts)
+        self.contexts = contexts
+        self.drop_after = drop_after or {}
+        self.seen: dict[int, int] = {}
+        self.wire: list[bytes] = []
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            self.seen[node] = self.seen.get(node, 0) + 1
+            if self.seen[node] > self.drop_after.get(node, 10**9):
+                continue
+            proto = message_to_proto(message)
+            self.wire.append(proto.SerializeToString())
+            received = message_from_proto(proto)
+            try:
+                reply = party_app(received, self.contexts[node])
+            except Exception as err:  # what a SuperNode reports back
+                reply = Message(
+                    Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=received
+                )
+            reply_proto = message_to_proto(reply)
+            self.wire.append(reply_proto.SerializeToString())
+            replies.append(message_from_proto(reply_proto))
+        return replies
+
+
+def _subset(table: PartyTable, patients: range) -> PartyTable:
+    rows = [n for n, i in enumerate(table.ids) if int(i[-4:]) in patients]
+    y = None if table.y is None else table.y[rows]
+    return PartyTable([table.ids[n] for n in rows], table.x[rows], y, table.columns)
+
+
+def _tables(
+    tmp_path: Path, guest_patients: range, host_patients: range
+) -> tuple[Path, Path, PartyTable, PartyTable]:
+    """Two CSVs from the bundled split; rows keep the split's shuffled, differing orders."""
+    guest, host = breast_cancer_parties(seed=1)
+    guest, host = _subset(guest, guest_patients), _subset(host, host_patients)
+    paths = tmp_path / "guest.csv", tmp_path / "host.csv"
+    write_party_csv(guest, paths[0], id_column="id", label_column="diagnosis")
+    write_party_csv(host, paths[1], id_column="id", label_column="diagnosis")
+    return *paths, guest, host
+
+
+def _run(tmp_path: Path, guest_csv: Path, host_csv: Path, drop_after=None, **extra: Any):
+    config = FedgeConfig.from_run_config(
+        {
+            "num-server-rounds": 2,
+            "batch-size": 32,
+            "lr": 0.3,
+            "round-timeout": 5.0,
+            "id-column": "id",
+            "label-column": "diagnosis",
+            "vertical-key-bits": 1024,
+            "vertical-tol": 0.0,
+            **extra,
+        }
+    ).to_run_config()
+    contexts = {
+        node: Context(
+            run_id=1,
+            node_id=node,
+            node_config={"role": role, "local-data": str(path)},
+            state=RecordDict(),
+            run_config=config,
+        )
+        for node, role, path in ((GUEST, "guest", guest_csv), (HOST, "host", host_csv))
+    }
+    grid = PartyGrid(contexts, drop_after)
+    server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config)
+    coordinate(grid, server)
+    return server, grid
+
+
+def test_vertical_run_aligns_trains_and_leaks_no_raw_values(tmp_path: Path) -> None:
+    guest_csv, host_csv, guest, host = _tables(tmp_path, range(60, 150), range(90, 180))
+    server, grid = _run(tmp_path, guest_csv, host_csv)
+    result = server.state.config_records[RESULT_KEY]
+    common = set(guest.ids) & set(host.ids)
+    assert result["rows"] == len(common) >= 32
+    assert result["epochs"] == 2 and result["loss"][1] < result["loss"][0] < np.log(2) + 1e-9
+    wire = b"".join(grid.wire)
+    assert not any(i.encode() in wire for i in set(guest.ids) | set(host.ids))
+    values = np.concatenate([guest.x.ravel(), guest.y, host.x.ravel()])
+    assert not any(np.float64(v).tobytes() in wire for v in values if v != 0)
+
+
+def test_no_overlap_is_one_clear_error(tmp_path: Path) -> None:
+    guest_csv, host_csv, guest, host = _tables(tmp_path, range(60, 100), range(90, 130))
+    assert len(set(guest.ids) & set(host.ids)) < 16
+    with pytest.raises(VerticalError, match="no overlap"):
+        _run(tmp_path, guest_csv, host_csv)
+
+
+def test_missing_label_column_is_refused(tmp_path: Path) -> None:
+    guest_csv, host_csv, _, _ = _tables(tmp_path, range(60, 120), range(90, 150))
+    with pytest.raises(
+        VerticalError, match=r"node 11 refused stage 'hello'.*no label column 'target'"
+    ):
+        _run(tmp_path, guest_csv, host_csv, **{"label-column": "target"})
+
+
+def test_duplicate_ids_are_refused(tmp_path: Path) -> None:
+    guest_csv, host_csv, _, _ = _tables(tmp_path, range(60, 120), range(90, 150))
+    lines = host_csv.read_text().splitlines()
+    host_csv.write_text("\n".join([*lines, lines[1]]) + "\n")
+    with pytest.raises(VerticalError, match=r"host refused stage 'psi-offer'.*duplicate ID"):
+        _run(tmp_path, guest_csv, host_csv)
+
+
+def test_a_party_that_drops_stops_the_run(tmp_path: Path) -> None:
+    guest_csv, host_csv, _, _ = _tables(tmp_path, range(60, 150), range(90, 180))
+    with pytest.raises(VerticalError, match="the host did not answer stage 'logits'"):
+        _run(tmp_path, guest_csv, host_csv, drop_after={HOST: 5})
