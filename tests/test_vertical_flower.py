@@ -155,3 +155,23 @@ def test_a_party_that_drops_stops_the_run(tmp_path: Path) -> None:
     guest_csv, host_csv, _, _ = _tables(tmp_path, range(60, 150), range(90, 180))
     with pytest.raises(VerticalError, match="the host did not answer stage 'logits'"):
         _run(tmp_path, guest_csv, host_csv, drop_after={HOST: 5})
+
+
+@pytest.mark.slow
+def test_vertical_run_in_flowers_simulation_engine() -> None:
+    """Two simulated SuperNodes (partition 0 → guest, 1 → host) on the bundled split."""
+    from fedge.simulation import run_inprocess
+    from fedge.vertical.coordinator import coordinator_app
+
+    config = {
+        "dataset": "breast-cancer",
+        "num-server-rounds": 1,
+        "lr": 0.15,
+        "vertical-key-bits": 1024,
+        "round-timeout": 300.0,
+    }
+    context = run_inprocess(config, 2, server_app=coordinator_app, client_app=party_app)
+    guest, host = breast_cancer_parties(seed=FedgeConfig().seed)
+    result = context.state.config_records[RESULT_KEY]
+    assert result["rows"] == len(set(guest.ids) & set(host.ids))
+    assert result["loss"][0] < np.log(2)
