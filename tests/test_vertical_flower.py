@@ -6,6 +6,7 @@ the PSI and the Paillier arithmetic run for real, only delivery is in-process.
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
+from sklearn.metrics import roc_auc_score
 
 from fedge.config import FedgeConfig
 from fedge.simulation import NodeGrid
@@ -96,6 +98,7 @@ def _run(tmp_path: Path, guest_csv: Path, host_csv: Path, drop_after=None, **ext
             "label-column": "diagnosis",
             "vertical-key-bits": 1024,
             "vertical-tol": 0.0,
+            "output-dir": str(tmp_path / "out"),
             **extra,
         }
     ).to_run_config()
@@ -122,6 +125,18 @@ def test_vertical_run_aligns_trains_and_leaks_no_raw_values(tmp_path: Path) -> N
     common = set(guest.ids) & set(host.ids)
     assert result["rows"] == len(common) >= 32
     assert result["epochs"] == 2 and result["loss"][1] < result["loss"][0] < np.log(2) + 1e-9
+    parts = {
+        role: json.loads((tmp_path / "out" / "vertical" / f"vertical-{role}.json").read_text())
+        for role in ("guest", "host")
+    }
+    assert parts["guest"]["columns"] == guest.columns and parts["host"]["columns"] == host.columns
+    joined = sorted(common)
+    g_rows, h_rows = guest.aligned(joined), host.aligned(joined)
+    score = sum(
+        ((t.x - np.array(p["mean"])) / np.array(p["std"])) @ np.array(p["weights"]) + p["bias"]
+        for t, p in ((g_rows, parts["guest"]), (h_rows, parts["host"]))
+    )
+    assert roc_auc_score(g_rows.y, score) > 0.9  # the two exported parts score jointly
     wire = b"".join(grid.wire)
     assert not any(i.encode() in wire for i in set(guest.ids) | set(host.ids))
     values = np.concatenate([guest.x.ravel(), guest.y, host.x.ravel()])

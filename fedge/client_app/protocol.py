@@ -108,6 +108,7 @@ def reported_examples(num_examples: int, train_config: Mapping[str, object]) -> 
         return min(num_examples, cap)
     return num_examples
 
+
 ROLE_KEY = "role"
 """Node-config key (vertical runs): 'guest' holds the labels, 'host' does not. Without
 it a simulated node takes partition 0 → guest, 1 → host."""

@@ -5,7 +5,8 @@ batch by batch: host `logits` → guest `residuals` → host `gradients` → gue
 the host applying each unpadded gradient with the next batch. It forwards only the
 keys each stage's receiver expects (so a party cannot slip anything else to the
 other), learns the loss from the host's padded value and the guest's pad, and stops
-on `vertical-tol` or after `num-server-rounds` epochs.
+on `vertical-tol` or after `num-server-rounds` epochs; then each party writes its own
+part of the model (`output-dir`/`run-name`/vertical-<role>.json) on its own machine.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from fedge.vertical.hetero_lr import loss_from_pad
 coordinator_app = ServerApp()
 
 RESULT_KEY = "vertical-result"
-"""Server-context record the run's outcome lands in (rows, epochs, per-epoch loss)."""
+"""Server-context record the run's outcome lands in (rows, epochs, per-epoch loss, and
+the digests of the model parts each party wrote to its own output folder)."""
 
 _CIPHER = ("c", "e")
 RELAYED = {
@@ -181,6 +183,12 @@ def coordinate(grid: Grid, context: Context) -> None:
     run.find_parties()
     rows = run.align()
     losses = run.train(rows)
+    exported = run.ask_both({"guest": ("export", {}), "host": ("export", {})})
     context.state.config_records[RESULT_KEY] = ConfigRecord(
-        {"rows": rows, "epochs": len(losses), "loss": losses}
+        {
+            "rows": rows,
+            "epochs": len(losses),
+            "loss": losses,
+            "export-sha256": [str(exported[r]["sha256"]) for r in ("guest", "host")],
+        }
     )

@@ -205,6 +205,18 @@ class Party:
     def _step(self, grad: np.ndarray) -> None:
         self.w -= self.settings.lr * (grad + self.settings.l2 * self.w)
 
+    def export(self, columns: list[str]) -> dict[str, object]:
+        """This party's part of the model, for its own disk only: its columns, their
+        scaling and its weights (the guest's also carries the intercept)."""
+        mean, std = self.scale
+        return {
+            "columns": columns,
+            "mean": mean.tolist(),
+            "std": std.tolist(),
+            "weights": self.w.tolist(),
+            "bias": self.bias,
+        }
+
     def scores(self, x: np.ndarray) -> np.ndarray:
         """This party's share of the logit for raw rows of its columns."""
         mean, std = self.scale

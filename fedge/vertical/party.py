@@ -7,6 +7,8 @@ process, and it checks every peer value before computing on it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -14,8 +16,9 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedge.atomic import write_atomically
 from fedge.client_app.protocol import LOCAL_DATA_KEY, ROLE_KEY, VERTICAL_KEY, VERTICAL_STAGE_KEY
-from fedge.config import FedgeConfig
+from fedge.config import FedgeConfig, resolve_path
 from fedge.vertical.data import PartyTable, breast_cancer_parties, read_party_csv
 from fedge.vertical.errors import VerticalError
 from fedge.vertical.hetero_lr import Guest, Host, Party, Settings, public_key_bytes
@@ -168,6 +171,14 @@ class PartyNode:
         self._keep(host)
         return {}
 
+    def export(self, _: Reply) -> Reply:
+        """Write our part of the model to our own output folder; reply with its digest."""
+        name = self.config.run_name or "vertical"
+        path = resolve_path(self.config.output_dir) / name / f"vertical-{self.role}.json"
+        text = json.dumps({"role": self.role, **self._lr().export(self.table.columns)}, indent=2)
+        write_atomically(path, lambda tmp: tmp.write_text(text))
+        return {"sha256": hashlib.sha256(text.encode()).hexdigest()}
+
     def _host(self) -> Host:
         party = self._lr()
         if not isinstance(party, Host):
@@ -192,6 +203,7 @@ STAGES: dict[str, Callable[[PartyNode, Reply], Reply]] = {
     "gradients": PartyNode.gradients,
     "unmask": PartyNode.unmask,
     "apply": PartyNode.apply,
+    "export": PartyNode.export,
 }
 """Every stage a party answers, in protocol order (the coordinator's names too)."""
 
