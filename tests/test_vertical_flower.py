@@ -87,7 +87,14 @@ def _tables(
     return *paths, guest, host
 
 
-def _run(tmp_path: Path, guest_csv: Path, host_csv: Path, drop_after=None, **extra: Any):
+def _run(
+    tmp_path: Path,
+    guest_csv: Path,
+    host_csv: Path,
+    drop_after=None,
+    score: tuple[Path | None, Path | None] | None = None,
+    **extra: Any,
+):
     config = FedgeConfig.from_run_config(
         {
             "num-server-rounds": 2,
@@ -102,11 +109,17 @@ def _run(tmp_path: Path, guest_csv: Path, host_csv: Path, drop_after=None, **ext
             **extra,
         }
     ).to_run_config()
+    pairs = zip((GUEST, HOST), score or (None, None), strict=True)
+    scores = {node: path for node, path in pairs if path is not None}
     contexts = {
         node: Context(
             run_id=1,
             node_id=node,
-            node_config={"role": role, "local-data": str(path)},
+            node_config={
+                "role": role,
+                "local-data": str(path),
+                **({"score-data": str(scores[node])} if node in scores else {}),
+            },
             state=RecordDict(),
             run_config=config,
         )
@@ -118,9 +131,14 @@ def _run(tmp_path: Path, guest_csv: Path, host_csv: Path, drop_after=None, **ext
     return server, grid
 
 
-def test_vertical_run_aligns_trains_and_leaks_no_raw_values(tmp_path: Path) -> None:
+def test_vertical_run_aligns_trains_scores_and_leaks_no_raw_values(tmp_path: Path) -> None:
     guest_csv, host_csv, guest, host = _tables(tmp_path, range(60, 150), range(90, 180))
-    server, grid = _run(tmp_path, guest_csv, host_csv)
+    new = tmp_path / "new"
+    new.mkdir()
+    new_guest_csv, new_host_csv, new_guest, new_host = _tables(
+        new, range(200, 260), range(230, 290)
+    )
+    server, grid = _run(tmp_path, guest_csv, host_csv, score=(new_guest_csv, new_host_csv))
     result = server.state.config_records[RESULT_KEY]
     common = set(guest.ids) & set(host.ids)
     assert result["rows"] == len(common) >= 32
@@ -137,9 +155,23 @@ def test_vertical_run_aligns_trains_and_leaks_no_raw_values(tmp_path: Path) -> N
         for t, p in ((g_rows, parts["guest"]), (h_rows, parts["host"]))
     )
     assert roc_auc_score(g_rows.y, score) > 0.9  # the two exported parts score jointly
+    # Joint scoring of the new shared IDs: the guest's file holds exactly those, with the
+    # probabilities the two parts give in the clear.
+    shared = sorted(set(new_guest.ids) & set(new_host.ids))
+    assert result["scored"] == len(shared) == 30
+    lines = (tmp_path / "out" / "vertical" / "vertical-scores.csv").read_text().split()[1:]
+    got = {line.split(",")[0]: float(line.split(",")[1]) for line in lines}
+    g_new, h_new = new_guest.aligned(shared), new_host.aligned(shared)
+    logit = sum(
+        ((t.x - np.array(p["mean"])) / np.array(p["std"])) @ np.array(p["weights"]) + p["bias"]
+        for t, p in ((g_new, parts["guest"]), (h_new, parts["host"]))
+    )
+    assert list(got) == shared
+    assert np.allclose(list(got.values()), 1 / (1 + np.exp(-logit)), atol=2e-6)
     wire = b"".join(grid.wire)
-    assert not any(i.encode() in wire for i in set(guest.ids) | set(host.ids))
-    values = np.concatenate([guest.x.ravel(), guest.y, host.x.ravel()])
+    all_ids = set(guest.ids) | set(host.ids) | set(new_guest.ids) | set(new_host.ids)
+    assert not any(i.encode() in wire for i in all_ids)
+    values = np.concatenate([guest.x.ravel(), guest.y, host.x.ravel(), new_host.x.ravel()])
     assert not any(np.float64(v).tobytes() in wire for v in values if v != 0)
 
 
@@ -190,3 +222,9 @@ def test_vertical_run_in_flowers_simulation_engine() -> None:
     result = context.state.config_records[RESULT_KEY]
     assert result["rows"] == len(set(guest.ids) & set(host.ids))
     assert result["loss"][0] < np.log(2)
+
+
+def test_score_data_on_one_side_only_is_refused(tmp_path: Path) -> None:
+    guest_csv, host_csv, _, _ = _tables(tmp_path, range(60, 120), range(90, 150))
+    with pytest.raises(VerticalError, match="only the guest has score-data"):
+        _run(tmp_path, guest_csv, host_csv, score=(guest_csv, None))

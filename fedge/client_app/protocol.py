@@ -113,6 +113,10 @@ ROLE_KEY = "role"
 """Node-config key (vertical runs): 'guest' holds the labels, 'host' does not. Without
 it a simulated node takes partition 0 → guest, 1 → host."""
 
+SCORE_DATA_KEY = "score-data"
+"""Node-config path (vertical runs): this party's CSV of new rows to score jointly after
+training (same columns as its `local-data`; the guest's scores land in its output folder)."""
+
 VERTICAL_KEY = "vertical"
 VERTICAL_STAGE_KEY = "vertical-stage"
 """Vertical messages: one ConfigRecord named `vertical`, its stage under `vertical-stage`."""

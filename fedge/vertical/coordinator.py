@@ -6,7 +6,8 @@ the host applying each unpadded gradient with the next batch. It forwards only t
 keys each stage's receiver expects (so a party cannot slip anything else to the
 other), learns the loss from the host's padded value and the guest's pad, and stops
 on `vertical-tol` or after `num-server-rounds` epochs; then each party writes its own
-part of the model (`output-dir`/`run-name`/vertical-<role>.json) on its own machine.
+part of the model (`output-dir`/`run-name`/vertical-<role>.json) on its own machine and,
+when both have `score-data`, the shared new IDs are scored jointly (the guest keeps them).
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ RELAYED = {
     "unmask": (*(f"h-{k}" for k in _CIPHER), "gg-v", "gg-e"),
     "logits": ("hg-v", "hg-e"),
     "apply": ("hg-v", "hg-e"),
+    "score-pad": ("u-c", "u-e"),
+    "score-open": ("z-c", "z-e"),
+    "score-finish": ("zs-v", "zs-e"),
 }
 """For each stage, the keys of the peer's last reply forwarded to its receiver."""
 
@@ -54,6 +58,7 @@ class Coordinator:
         self.nodes: dict[str, int] = {}
         self.features: dict[str, int] = {}
         self.host_key = b""
+        self.scoring = False
 
     def ask(self, role: str, stage: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
         """One stage on one party; an error reply or a missing reply fails the run."""
@@ -116,29 +121,53 @@ class Coordinator:
             )
         self.nodes = roles
         self.features = {h["role"]: int(h["features"]) for h in hello.values()}
+        scoring = {h["role"]: bool(h.get("scoring")) for h in hello.values()}
+        if scoring["guest"] != scoring["host"]:
+            raise VerticalError(
+                f"only the {'guest' if scoring['guest'] else 'host'} has score-data: give "
+                "both parties a score-data CSV of the rows to score, or neither"
+            )
+        self.scoring = scoring["guest"]
 
-    def align(self) -> int:
-        """PSI both ways, then exchange Paillier keys; returns the shared row count."""
-        offers = self.ask_both({"guest": ("psi-offer", {}), "host": ("psi-offer", {})})
+    def intersect(self, table: str) -> tuple[int, dict[str, dict[str, Any]]]:
+        """PSI both ways on the parties' `table` ('train' or 'score'); shared row count."""
+        which = {"table": table}
+        offers = self.ask_both({"guest": ("psi-offer", which), "host": ("psi-offer", which)})
         answers = self.ask_both(
             {
-                "guest": ("psi-answer", self.relay("psi-answer", offers["host"])),
-                "host": ("psi-answer", self.relay("psi-answer", offers["guest"])),
+                "guest": ("psi-answer", {**which, **self.relay("psi-answer", offers["host"])}),
+                "host": ("psi-answer", {**which, **self.relay("psi-answer", offers["guest"])}),
             }
         )
         done = self.ask_both(
             {
-                "guest": ("psi-intersect", self.relay("psi-intersect", answers["host"])),
-                "host": ("psi-intersect", self.relay("psi-intersect", answers["guest"])),
+                role: ("psi-intersect", {**which, **self.relay("psi-intersect", answers[peer])})
+                for role, peer in (("guest", "host"), ("host", "guest"))
             }
         )
-        self.host_key = done["host"]["key"]
         rows = {role: int(done[role]["rows"]) for role in done}
         if rows["guest"] != rows["host"]:
             raise VerticalError(f"the parties found different intersections {rows}: stopped")
+        return rows["guest"], done
+
+    def align(self) -> int:
+        """PSI on the training rows, then exchange Paillier keys; the shared row count."""
+        rows, done = self.intersect("train")
+        self.host_key = done["host"]["key"]
         keys = {role: {"key": done[role]["key"], "features": self.features[role]} for role in done}
         self.ask_both({"guest": ("meet", keys["host"]), "host": ("meet", keys["guest"])})
-        return rows["guest"]
+        return rows
+
+    def score(self) -> int:
+        """Joint scoring of the shared IDs of both parties' score-data; the guest writes
+        the probabilities to its own output folder. Returns the rows scored."""
+        rows, _ = self.intersect("score")
+        if rows == 0:
+            return 0
+        host = self.ask("host", "score-logits")
+        guest = self.ask("guest", "score-pad", self.relay("score-pad", host))
+        host = self.ask("host", "score-open", self.relay("score-open", guest))
+        return int(self.ask("guest", "score-finish", self.relay("score-finish", host))["scored"])
 
     def batch(self, batch: np.ndarray, pending: dict[str, Any]) -> tuple[float, dict[str, Any]]:
         """One batch's four messages; returns its loss and the host's pending gradient."""
@@ -190,5 +219,6 @@ def coordinate(grid: Grid, context: Context) -> None:
             "epochs": len(losses),
             "loss": losses,
             "export-sha256": [str(exported[r]["sha256"]) for r in ("guest", "host")],
+            "scored": run.score() if run.scoring else 0,
         }
     )

@@ -262,6 +262,15 @@ class Host(Party):
         }
         return out, loss_pair
 
+    def score_logits(self, x: np.ndarray) -> dict[str, bytes]:
+        """Scoring: [[u]]_H for raw rows of our columns (the guest adds its part)."""
+        return _prefix("u", pack([self.public.encrypt(float(v)) for v in self.scores(x)]))
+
+    def score_open(self, reply: dict[str, bytes], count: int) -> dict[str, bytes]:
+        """Scoring: decrypt the guest's padded scores; we read score + pad, never the score."""
+        padded = unpack(_strip("z", reply), self.public, count)
+        return _pairs("zs", decrypt_masked(padded, self._private), self.public)
+
     def apply(self, reply: dict[str, bytes]) -> None:
         """Step 5: unpad the gradient the guest decrypted for us, and step."""
         self._step(unmask(_read_pairs("hg", reply, self.peer), self._pads, self._exps, self.peer))
@@ -311,6 +320,20 @@ class Guest(Party):
             **_prefix("loss", pack([masked_loss])),
         }
         return message, (loss_pad, masked_loss.exponent)
+
+    def score_pad(
+        self, x: np.ndarray, host: dict[str, bytes]
+    ) -> tuple[dict[str, bytes], list[int], list[int]]:
+        """Scoring: [[z_g + u + pad]]_H for raw rows of our columns; returns the message,
+        the pads and their exponents (ours to keep for `score_finish`)."""
+        u = unpack(_strip("u", host), self.peer, len(x))
+        z = self.scores(x) + self.bias
+        padded, pads = mask([ui + float(zi) for ui, zi in zip(u, z, strict=True)])
+        return _prefix("z", pack(padded)), pads, [p.exponent for p in padded]
+
+    def score_finish(self, host: dict[str, bytes], pads: list[int], exps: list[int]) -> np.ndarray:
+        """Scoring: the joint logits, unpadded from the host's decryption."""
+        return unmask(_read_pairs("zs", host, self.peer), pads, exps, self.peer)
 
     def unmask(self, host: dict[str, bytes]) -> dict[str, bytes]:
         """Step 4: decrypt the host's padded gradient for it; unpad ours and step."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,13 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedge.atomic import write_atomically
-from fedge.client_app.protocol import LOCAL_DATA_KEY, ROLE_KEY, VERTICAL_KEY, VERTICAL_STAGE_KEY
+from fedge.client_app.protocol import (
+    LOCAL_DATA_KEY,
+    ROLE_KEY,
+    SCORE_DATA_KEY,
+    VERTICAL_KEY,
+    VERTICAL_STAGE_KEY,
+)
 from fedge.config import FedgeConfig, resolve_path
 from fedge.vertical.data import PartyTable, breast_cancer_parties, read_party_csv
 from fedge.vertical.errors import VerticalError
@@ -26,9 +33,10 @@ from fedge.vertical.psi import Offer, PsiParty
 
 party_app = ClientApp()
 
-PSI_STATE = "vertical-psi"
 LR_STATE = "vertical-lr"
-ALIGNED_STATE = "vertical-aligned"
+SCORES_STATE = "vertical-scores"
+TABLES = ("train", "score")
+"""A PSI aligns the training rows (`local-data`) or the rows to score (`score-data`)."""
 
 Reply = dict[str, Any]
 
@@ -83,6 +91,32 @@ class PartyNode:
         self.role = node_role(context)
         self.table = own_table(context, self.config, self.role)
 
+    def _score_table(self) -> PartyTable:
+        """The rows to score (`score-data`): the training table's columns, no label needed."""
+        path = self.context.node_config.get(SCORE_DATA_KEY)
+        if not path:
+            raise VerticalError(
+                "this party has no score-data: start it with --node-config "
+                "\"score-data='new.csv'\" to score new shared IDs"
+            )
+        table = read_party_csv(
+            str(path),
+            id_column=self.config.id_column,
+            label_column=self.config.label_column,
+            guest=False,
+        )
+        if table.columns != self.table.columns:
+            raise VerticalError(
+                f"{path}: its columns differ from local-data's {self.table.columns}"
+            )
+        return table
+
+    def _table(self, peer: Reply) -> tuple[str, PartyTable]:
+        name = peer.get("table", "train")
+        if name not in TABLES:
+            raise VerticalError(f"unknown table {str(name)[:20]!r}: 'train' or 'score'")
+        return name, self.table if name == "train" else self._score_table()
+
     def _saved(self, name: str) -> dict[str, Any]:
         if name not in self.context.state.config_records:
             raise VerticalError(f"stage out of order: this party has no {name} yet")
@@ -91,12 +125,15 @@ class PartyNode:
     def _save(self, name: str, values: dict[str, Any]) -> None:
         self.context.state.config_records[name] = ConfigRecord(values)
 
-    def _psi(self, fresh: bool = False) -> PsiParty:
-        state = None if fresh else self._saved(PSI_STATE)
-        return PsiParty(self.table.ids, max_ids=self.config.vertical_max_ids, state=state)
+    def _psi(self, table: str, ids: list[str], fresh: bool = False) -> PsiParty:
+        state = None if fresh else self._saved(f"vertical-psi-{table}")
+        return PsiParty(ids, max_ids=self.config.vertical_max_ids, state=state)
+
+    def _aligned(self, name: str, table: PartyTable) -> PartyTable:
+        return table.aligned(list(self._saved(f"vertical-aligned-{name}")["ids"]))
 
     def _lr(self, fresh: bool = False) -> Party:
-        aligned = self.table.aligned(list(self._saved(ALIGNED_STATE)["ids"]))
+        aligned = self._aligned("train", self.table)
         state = None if fresh else self._saved(LR_STATE)
         if self.role == "guest":
             return Guest(aligned.x, aligned.y, settings_of(self.config), state)
@@ -106,29 +143,35 @@ class PartyNode:
         self._save(LR_STATE, party.state())
 
     def hello(self, _: Reply) -> Reply:
-        return {"role": self.role, "features": int(self.table.x.shape[1])}
+        scoring = bool(self.context.node_config.get(SCORE_DATA_KEY))
+        return {"role": self.role, "features": int(self.table.x.shape[1]), "scoring": scoring}
 
-    def psi_offer(self, _: Reply) -> Reply:
-        psi = self._psi(fresh=True)
+    def psi_offer(self, peer: Reply) -> Reply:
+        name, table = self._table(peer)
+        psi = self._psi(name, table.ids, fresh=True)
         offer = psi.offer()
-        self._save(PSI_STATE, psi.state())
+        self._save(f"vertical-psi-{name}", psi.state())
         return {"setup": offer.setup, "request": offer.request}
 
     def psi_answer(self, peer: Reply) -> Reply:
-        psi = self._psi()
+        name, table = self._table(peer)
+        psi = self._psi(name, table.ids)
         answer = psi.answer(Offer(_bytes(peer, "setup"), _bytes(peer, "request")))
-        self._save(PSI_STATE, psi.state())
+        self._save(f"vertical-psi-{name}", psi.state())
         return {"answer": answer}
 
     def psi_intersect(self, peer: Reply) -> Reply:
-        """Align on the intersection and make this run's Paillier key."""
-        common = self._psi().intersect(_bytes(peer, "answer"))
+        """Align on the intersection; for training, also make this run's Paillier key."""
+        name, table = self._table(peer)
+        common = self._psi(name, table.ids).intersect(_bytes(peer, "answer"))
+        self._save(f"vertical-aligned-{name}", {"ids": common})
+        if name == "score":
+            return {"rows": len(common)}
         if len(common) < self.config.vertical_min_batch:
             raise VerticalError(
                 f"the parties share {len(common)} IDs, fewer than vertical-min-batch="
                 f"{self.config.vertical_min_batch}: no overlap to train on"
             )
-        self._save(ALIGNED_STATE, {"ids": common})
         party = self._lr(fresh=True)
         self._keep(party)
         return {"rows": len(common), "key": public_key_bytes(party.public)}
@@ -173,11 +216,40 @@ class PartyNode:
 
     def export(self, _: Reply) -> Reply:
         """Write our part of the model to our own output folder; reply with its digest."""
-        name = self.config.run_name or "vertical"
-        path = resolve_path(self.config.output_dir) / name / f"vertical-{self.role}.json"
+        path = self._folder() / f"vertical-{self.role}.json"
         text = json.dumps({"role": self.role, **self._lr().export(self.table.columns)}, indent=2)
         write_atomically(path, lambda tmp: tmp.write_text(text))
         return {"sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+    def score_logits(self, _: Reply) -> Reply:
+        """Host: [[u]]_H for every shared row to score."""
+        return self._host().score_logits(self._aligned("score", self._score_table()).x)
+
+    def score_pad(self, peer: Reply) -> Reply:
+        """Guest: padded joint logits, for the host to open without reading them."""
+        rows = self._aligned("score", self._score_table())
+        message, pads, exps = self._guest().score_pad(rows.x, peer)
+        self._save(SCORES_STATE, {"pads": [str(r) for r in pads], "exps": exps})
+        return message
+
+    def score_open(self, peer: Reply) -> Reply:
+        """Host: decrypt the guest's padded logits (it reads logit + pad only)."""
+        count = len(self._saved("vertical-aligned-score")["ids"])
+        return self._host().score_open(peer, count)
+
+    def score_finish(self, peer: Reply) -> Reply:
+        """Guest: unpad the logits and write id,probability to its own output folder."""
+        saved = self._saved(SCORES_STATE)
+        pads, exps = [int(r) for r in saved["pads"]], [int(e) for e in saved["exps"]]
+        z = self._guest().score_finish(peer, pads, exps)
+        ids = list(self._saved("vertical-aligned-score")["ids"])
+        rows = (f"{i},{1 / (1 + np.exp(-v)):.6f}" for i, v in zip(ids, z, strict=True))
+        text = "\n".join(["id,probability", *rows]) + "\n"
+        write_atomically(self._folder() / "vertical-scores.csv", lambda tmp: tmp.write_text(text))
+        return {"scored": len(ids)}
+
+    def _folder(self) -> Path:
+        return resolve_path(self.config.output_dir) / (self.config.run_name or "vertical")
 
     def _host(self) -> Host:
         party = self._lr()
@@ -204,6 +276,10 @@ STAGES: dict[str, Callable[[PartyNode, Reply], Reply]] = {
     "unmask": PartyNode.unmask,
     "apply": PartyNode.apply,
     "export": PartyNode.export,
+    "score-logits": PartyNode.score_logits,
+    "score-pad": PartyNode.score_pad,
+    "score-open": PartyNode.score_open,
+    "score-finish": PartyNode.score_finish,
 }
 """Every stage a party answers, in protocol order (the coordinator's names too)."""
 
