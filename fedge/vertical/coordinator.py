@@ -23,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedge.client_app.protocol import VERTICAL_KEY, VERTICAL_STAGE_KEY
 from fedge.config import FedgeConfig
+from fedge.server_app.polling import destinations, replying_node
 from fedge.server_app.validation import client_error
 from fedge.vertical.errors import VerticalError
 from fedge.vertical.hetero_lr import loss_from_pad
@@ -73,10 +74,9 @@ class Coordinator:
             )
             for role, (stage, payload) in asks.items()
         }
-        replies = list(
-            self.grid.send_and_receive(list(messages.values()), timeout=self.config.round_timeout)
-        )
-        by_node = {r.metadata.src_node_id: r for r in replies}
+        sent = list(messages.values())
+        replies = list(self.grid.send_and_receive(sent, timeout=self.config.round_timeout))
+        by_node = {replying_node(r, destinations(sent)): r for r in replies}
         out = {}
         for role, (stage, _) in asks.items():
             reply = by_node.get(self.nodes[role])
