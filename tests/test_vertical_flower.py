@@ -16,10 +16,12 @@ import pytest
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
+from phe import EncodedNumber, PaillierPublicKey
 from sklearn.metrics import roc_auc_score
 
 from fedge.config import FedgeConfig
 from fedge.simulation import NodeGrid
+from fedge.vertical.auth import write_keypair
 from fedge.vertical.coordinator import RESULT_KEY, coordinate
 from fedge.vertical.data import PartyTable, breast_cancer_parties, write_party_csv
 from fedge.vertical.errors import VerticalError
@@ -87,12 +89,23 @@ def _tables(
     return *paths, guest, host
 
 
+def _keys(tmp_path: Path) -> dict[int, dict[str, str]]:
+    """Each party's Ed25519 key and the other's public key, as node-config paths."""
+    for node in (GUEST, HOST):
+        write_keypair(tmp_path / f"{node}.key", tmp_path / f"{node}.pub")
+    return {
+        node: {"sign-key": str(tmp_path / f"{node}.key"), "peer-key": str(tmp_path / f"{peer}.pub")}
+        for node, peer in ((GUEST, HOST), (HOST, GUEST))
+    }
+
+
 def _run(
     tmp_path: Path,
     guest_csv: Path,
     host_csv: Path,
     drop_after=None,
     score: tuple[Path | None, Path | None] | None = None,
+    signed: bool = False,
     **extra: Any,
 ):
     config = FedgeConfig.from_run_config(
@@ -111,6 +124,7 @@ def _run(
     ).to_run_config()
     pairs = zip((GUEST, HOST), score or (None, None), strict=True)
     scores = {node: path for node, path in pairs if path is not None}
+    keys = _keys(tmp_path) if signed else {GUEST: {}, HOST: {}}
     contexts = {
         node: Context(
             run_id=1,
@@ -119,6 +133,7 @@ def _run(
                 "role": role,
                 "local-data": str(path),
                 **({"score-data": str(scores[node])} if node in scores else {}),
+                **keys[node],
             },
             state=RecordDict(),
             run_config=config,
@@ -138,7 +153,9 @@ def test_vertical_run_aligns_trains_scores_and_leaks_no_raw_values(tmp_path: Pat
     new_guest_csv, new_host_csv, new_guest, new_host = _tables(
         new, range(200, 260), range(230, 290)
     )
-    server, grid = _run(tmp_path, guest_csv, host_csv, score=(new_guest_csv, new_host_csv))
+    server, grid = _run(
+        tmp_path, guest_csv, host_csv, score=(new_guest_csv, new_host_csv), signed=True
+    )
     result = server.state.config_records[RESULT_KEY]
     common = set(guest.ids) & set(host.ids)
     assert result["rows"] == len(common) >= 32
@@ -228,3 +245,94 @@ def test_score_data_on_one_side_only_is_refused(tmp_path: Path) -> None:
     guest_csv, host_csv, _, _ = _tables(tmp_path, range(60, 120), range(90, 150))
     with pytest.raises(VerticalError, match="only the guest has score-data"):
         _run(tmp_path, guest_csv, host_csv, score=(guest_csv, None))
+
+
+class OracleGrid(PartyGrid):
+    """A tampering coordinator: in the first `unmask` it hands the guest the guest's own
+    [[e]] (e = z/4 − y/2) in place of the host's padded gradient, to have it decrypted."""
+
+    def __init__(self, contexts: dict[int, Context]) -> None:
+        super().__init__(contexts)
+        self.stolen: dict[str, Any] = {}
+        self.opened: list[tuple[int, int]] = []
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        for message in messages:
+            record = message.content.config_records["vertical"]
+            if record["vertical-stage"] == "unmask" and not self.opened:
+                width = len(record["h-c"]) // len(record["h-e"])
+                count = len(record["h-e"])
+                record["h-c"] = self.stolen["e_c"][: width * count]
+                record["h-e"] = self.stolen["e_e"][:count]
+        replies = super().send_and_receive(messages, timeout=timeout)
+        for message, reply in zip(messages, replies, strict=True):
+            stage = message.content.config_records["vertical"]["vertical-stage"]
+            if reply.has_error():
+                continue
+            content = reply.content.config_records["vertical"]
+            if stage == "residuals":
+                batch = message.content.config_records["vertical"]["batch"]
+                self.stolen.update(e_c=content["e-c"], e_e=content["e-e"])
+                self.stolen["batch"] = np.frombuffer(batch, dtype=np.int64)
+            if stage == "psi-intersect" and message.metadata.dst_node_id == GUEST:
+                self.stolen["key"] = content["key"]
+            if stage == "unmask" and not self.opened:
+                width = len(content["hg-v"]) // len(content["hg-e"])
+                exps = np.frombuffer(content["hg-e"], dtype=np.int8)
+                self.opened = [
+                    (int.from_bytes(content["hg-v"][i * width : (i + 1) * width], "big"), int(e))
+                    for i, e in enumerate(exps)
+                ]
+        return replies
+
+
+def _oracle_run(tmp_path: Path, signed: bool) -> tuple[OracleGrid, PartyTable, PartyTable]:
+    guest_csv, host_csv, guest, host = _tables(tmp_path, range(60, 150), range(90, 180))
+    config = FedgeConfig.from_run_config(
+        {
+            "num-server-rounds": 1,
+            "batch-size": 32,
+            "id-column": "id",
+            "vertical-key-bits": 1024,
+            "label-column": "diagnosis",
+            "output-dir": str(tmp_path / "out"),
+        }
+    ).to_run_config()
+    keys = _keys(tmp_path) if signed else {GUEST: {}, HOST: {}}
+    contexts = {
+        node: Context(
+            run_id=1,
+            node_id=node,
+            node_config={"role": role, "local-data": str(path), **keys[node]},
+            state=RecordDict(),
+            run_config=config,
+        )
+        for node, role, path in ((GUEST, "guest", guest_csv), (HOST, "host", host_csv))
+    }
+    grid = OracleGrid(contexts)
+    server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config)
+    if signed:
+        with pytest.raises(
+            VerticalError, match=r"refused stage 'unmask'.*fails its signature.*by the coordinator"
+        ):
+            coordinate(grid, server)
+    else:  # the host notices its gradient came back wrong, after the labels have leaked
+        with pytest.raises(VerticalError, match="do not match what we sent"):
+            coordinate(grid, server)
+    return grid, guest, host
+
+
+def test_unsigned_a_tampering_coordinator_reads_labels(tmp_path: Path) -> None:
+    """The documented semi-honest limit, shown: the guest's decryption is an oracle."""
+    grid, guest, host = _oracle_run(tmp_path, signed=False)
+    key = PaillierPublicKey(int.from_bytes(grid.stolen["key"], "big"))
+    e = np.array([EncodedNumber(key, v, x).decode() for v, x in grid.opened])
+    assert len(e) == 20  # as many as the host has columns
+    rows = guest.aligned(sorted(set(guest.ids) & set(host.ids)))
+    labels = rows.y[grid.stolen["batch"][:20]]
+    assert np.allclose(e, 0.5 - labels)  # w = 0 in batch one: e = -y/2 with y = 2·label − 1
+
+
+def test_signed_messages_stop_a_tampering_coordinator(tmp_path: Path) -> None:
+    grid, _, _ = _oracle_run(tmp_path, signed=True)
+    assert grid.opened == []

@@ -117,6 +117,11 @@ SCORE_DATA_KEY = "score-data"
 """Node-config path (vertical runs): this party's CSV of new rows to score jointly after
 training (same columns as its `local-data`; the guest's scores land in its output folder)."""
 
+SIGN_KEY = "sign-key"
+PEER_KEY = "peer-key"
+"""Node-config paths (vertical runs): this party's Ed25519 private key and the peer's
+public key (PEM, exchanged out of band); with them, party-to-party messages are signed."""
+
 VERTICAL_KEY = "vertical"
 VERTICAL_STAGE_KEY = "vertical-stage"
 """Vertical messages: one ConfigRecord named `vertical`, its stage under `vertical-stage`."""

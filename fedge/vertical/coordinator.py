@@ -27,28 +27,13 @@ from fedge.server_app.polling import destinations, replying_node
 from fedge.server_app.validation import client_error
 from fedge.vertical.errors import VerticalError
 from fedge.vertical.hetero_lr import loss_from_pad
+from fedge.vertical.party import RECEIVES, SENDS
 
 coordinator_app = ServerApp()
 
 RESULT_KEY = "vertical-result"
 """Server-context record the run's outcome lands in (rows, epochs, per-epoch loss, and
 the digests of the model parts each party wrote to its own output folder)."""
-
-_CIPHER = ("c", "e")
-RELAYED = {
-    "psi-answer": ("setup", "request"),
-    "psi-intersect": ("answer",),
-    "meet": ("key", "features"),
-    "residuals": tuple(f"{n}-{k}" for n in ("u", "u2") for k in _CIPHER),
-    "gradients": tuple(f"{n}-{k}" for n in ("e", "g", "loss") for k in _CIPHER),
-    "unmask": (*(f"h-{k}" for k in _CIPHER), "gg-v", "gg-e"),
-    "logits": ("hg-v", "hg-e"),
-    "apply": ("hg-v", "hg-e"),
-    "score-pad": ("u-c", "u-e"),
-    "score-open": ("z-c", "z-e"),
-    "score-finish": ("zs-v", "zs-e"),
-}
-"""For each stage, the keys of the peer's last reply forwarded to its receiver."""
 
 
 class Coordinator:
@@ -57,7 +42,6 @@ class Coordinator:
     def __init__(self, grid: Grid, config: FedgeConfig) -> None:
         self.grid, self.config = grid, config
         self.nodes: dict[str, int] = {}
-        self.features: dict[str, int] = {}
         self.host_key = b""
         self.scoring = False
 
@@ -94,11 +78,14 @@ class Coordinator:
         return out
 
     def relay(self, stage: str, reply: dict[str, Any]) -> dict[str, Any]:
-        """The keys `stage`'s receiver expects from its peer's reply, nothing else."""
-        missing = [k for k in RELAYED[stage] if k not in reply]
+        """What `stage` consumes of the peer's reply (`SENDS`, and its signature), nothing
+        else: a party cannot slip the other anything more through the coordinator."""
+        keys = SENDS[RECEIVES[stage]]
+        missing = [k for k in keys if k not in reply]
         if missing:
             raise VerticalError(f"a party's reply lacks {missing} needed for stage {stage!r}")
-        return {k: reply[k] for k in RELAYED[stage]}
+        signature = {"sig": reply["sig"]} if "sig" in reply else {}
+        return {**{k: reply[k] for k in keys}, **signature}
 
     def find_parties(self) -> None:
         """Wait for exactly one guest and one host."""
@@ -120,7 +107,6 @@ class Coordinator:
                 "and one role='host' node"
             )
         self.nodes = roles
-        self.features = {h["role"]: int(h["features"]) for h in hello.values()}
         scoring = {h["role"]: bool(h.get("scoring")) for h in hello.values()}
         if scoring["guest"] != scoring["host"]:
             raise VerticalError(
@@ -154,8 +140,12 @@ class Coordinator:
         """PSI on the training rows, then exchange Paillier keys; the shared row count."""
         rows, done = self.intersect("train")
         self.host_key = done["host"]["key"]
-        keys = {role: {"key": done[role]["key"], "features": self.features[role]} for role in done}
-        self.ask_both({"guest": ("meet", keys["host"]), "host": ("meet", keys["guest"])})
+        self.ask_both(
+            {
+                "guest": ("meet", self.relay("meet", done["host"])),
+                "host": ("meet", self.relay("meet", done["guest"])),
+            }
+        )
         return rows
 
     def score(self) -> int:

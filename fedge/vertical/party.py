@@ -20,12 +20,15 @@ from flwr.clientapp import ClientApp
 from fedge.atomic import write_atomically
 from fedge.client_app.protocol import (
     LOCAL_DATA_KEY,
+    PEER_KEY,
     ROLE_KEY,
     SCORE_DATA_KEY,
+    SIGN_KEY,
     VERTICAL_KEY,
     VERTICAL_STAGE_KEY,
 )
 from fedge.config import FedgeConfig, resolve_path
+from fedge.vertical.auth import PeerLink
 from fedge.vertical.data import PartyTable, breast_cancer_parties, read_party_csv
 from fedge.vertical.errors import VerticalError
 from fedge.vertical.hetero_lr import Guest, Host, Party, Settings, public_key_bytes
@@ -117,6 +120,37 @@ class PartyNode:
             raise VerticalError(f"unknown table {str(name)[:20]!r}: 'train' or 'score'")
         return name, self.table if name == "train" else self._score_table()
 
+    def link(self) -> PeerLink | None:
+        """The signing link when this node has sign-key and peer-key, else None."""
+        own, peer = (self.context.node_config.get(k) for k in (SIGN_KEY, PEER_KEY))
+        if not own and not peer:
+            return None
+        if not own or not peer:
+            raise VerticalError("give this party both sign-key and peer-key, or neither")
+        return PeerLink(Path(str(own)), Path(str(peer)), self.context.run_id)
+
+    def checked(self, link: PeerLink | None, stage: str, peer: Reply) -> None:
+        """Verify the peer's signed payload this stage consumes (when signing is on)."""
+        sender_stage = RECEIVES.get(stage)
+        if link is None or sender_stage is None or (stage == "logits" and "hg-v" not in peer):
+            return
+        counts = dict(self.context.state.config_records.get(LINK_STATE, {}))
+        seq = int(counts.get("received", 0)) + 1
+        payload = {k: peer.get(k) for k in SENDS[sender_stage]}
+        peer_role = "host" if self.role == "guest" else "guest"
+        link.verify(peer_role, sender_stage, seq, payload, peer.get("sig"))
+        self._save(LINK_STATE, {**counts, "received": seq})
+
+    def signed(self, link: PeerLink | None, stage: str, reply: Reply) -> Reply:
+        """Sign the part of our reply that goes on to the peer (when signing is on)."""
+        if link is None or not all(k in reply for k in SENDS.get(stage, ("-",))):
+            return reply  # nothing of this reply goes on (e.g. the scoring PSI's row count)
+        counts = dict(self.context.state.config_records.get(LINK_STATE, {}))
+        seq = int(counts.get("sent", 0)) + 1
+        payload = {k: reply[k] for k in SENDS[stage]}
+        self._save(LINK_STATE, {**counts, "sent": seq})
+        return {**reply, "sig": link.sign(self.role, stage, seq, payload)}
+
     def _saved(self, name: str) -> dict[str, Any]:
         if name not in self.context.state.config_records:
             raise VerticalError(f"stage out of order: this party has no {name} yet")
@@ -144,7 +178,7 @@ class PartyNode:
 
     def hello(self, _: Reply) -> Reply:
         scoring = bool(self.context.node_config.get(SCORE_DATA_KEY))
-        return {"role": self.role, "features": int(self.table.x.shape[1]), "scoring": scoring}
+        return {"role": self.role, "scoring": scoring}
 
     def psi_offer(self, peer: Reply) -> Reply:
         name, table = self._table(peer)
@@ -174,7 +208,8 @@ class PartyNode:
             )
         party = self._lr(fresh=True)
         self._keep(party)
-        return {"rows": len(common), "key": public_key_bytes(party.public)}
+        features = int(self.table.x.shape[1])
+        return {"rows": len(common), "key": public_key_bytes(party.public), "features": features}
 
     def meet(self, peer: Reply) -> Reply:
         party = self._lr()
@@ -283,6 +318,37 @@ STAGES: dict[str, Callable[[PartyNode, Reply], Reply]] = {
 }
 """Every stage a party answers, in protocol order (the coordinator's names too)."""
 
+SENDS: dict[str, tuple[str, ...]] = {
+    "psi-offer": ("setup", "request"),
+    "psi-answer": ("answer",),
+    "psi-intersect": ("key", "features"),
+    "logits": ("u-c", "u-e", "u2-c", "u2-e"),
+    "residuals": ("e-c", "e-e", "g-c", "g-e", "loss-c", "loss-e"),
+    "gradients": ("h-c", "h-e", "gg-v", "gg-e"),
+    "unmask": ("hg-v", "hg-e"),
+    "score-logits": ("u-c", "u-e"),
+    "score-pad": ("z-c", "z-e"),
+    "score-open": ("zs-v", "zs-e"),
+}
+"""The keys of a stage's reply that go on to the peer (signed, when keys are set)."""
+
+RECEIVES: dict[str, str] = {
+    "psi-answer": "psi-offer",
+    "psi-intersect": "psi-answer",
+    "meet": "psi-intersect",
+    "residuals": "logits",
+    "gradients": "residuals",
+    "unmask": "gradients",
+    "logits": "unmask",
+    "apply": "unmask",
+    "score-pad": "score-logits",
+    "score-open": "score-pad",
+    "score-finish": "score-open",
+}
+"""For a stage, the peer's stage whose reply it consumes (`logits` only after batch one)."""
+
+LINK_STATE = "vertical-link"
+
 
 def _bytes(peer: Reply, key: str) -> bytes:
     value = peer.get(key)
@@ -305,5 +371,8 @@ def answer(message: Message, context: Context) -> Message:
     stage = None if record is None else record.get(VERTICAL_STAGE_KEY)
     if stage not in STAGES:
         raise VerticalError(f"unknown vertical stage {str(stage)[:40]!r}")
-    reply = STAGES[str(stage)](PartyNode(context), dict(record))
+    node, peer = PartyNode(context), dict(record)
+    link = node.link()
+    node.checked(link, str(stage), peer)
+    reply = node.signed(link, str(stage), STAGES[str(stage)](node, peer))
     return Message(RecordDict({VERTICAL_KEY: ConfigRecord(reply)}), reply_to=message)
