@@ -218,6 +218,20 @@ class FedgeConfig:
     resume_allow_changes: bool = _opt(
         False, "resume although data-defining keys changed (dataset, split, seed, model)"
     )
+    # Vertical FL (fedge.vertical apps; epochs = num-server-rounds, batch-size, lr)
+    vertical_key_bits: int = _opt(
+        2048, "vertical: each party's Paillier key size; a shorter peer key is refused", low=1024
+    )
+    vertical_max_ids: int = _opt(
+        1_000_000, "vertical: most IDs a party may hold or send in PSI", low=1
+    )
+    vertical_min_batch: int = _opt(
+        16, "vertical: smallest batch a party computes on (small ones leak rows)", low=4
+    )
+    vertical_l2: float = _opt(0.01, "vertical: L2 penalty on each party's weights", low=0)
+    vertical_tol: float = _opt(
+        1e-4, "vertical: stop once an epoch's loss falls by less than this; 0 = never", low=0
+    )
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> FedgeConfig:

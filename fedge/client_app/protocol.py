@@ -107,3 +107,21 @@ def reported_examples(num_examples: int, train_config: Mapping[str, object]) -> 
     if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1:
         return min(num_examples, cap)
     return num_examples
+
+
+ROLE_KEY = "role"
+"""Node-config key (vertical runs): 'guest' holds the labels, 'host' does not. Without
+it a simulated node takes partition 0 → guest, 1 → host."""
+
+SCORE_DATA_KEY = "score-data"
+"""Node-config path (vertical runs): this party's CSV of new rows to score jointly after
+training (same columns as its `local-data`; the guest's scores land in its output folder)."""
+
+SIGN_KEY = "sign-key"
+PEER_KEY = "peer-key"
+"""Node-config paths (vertical runs): this party's Ed25519 private key and the peer's
+public key (PEM, exchanged out of band); with them, party-to-party messages are signed."""
+
+VERTICAL_KEY = "vertical"
+VERTICAL_STAGE_KEY = "vertical-stage"
+"""Vertical messages: one ConfigRecord named `vertical`, its stage under `vertical-stage`."""
