@@ -116,6 +116,21 @@ class FedgeConfig:
         low=0,
         low_open=True,
     )
+    update_compression: str = _opt(
+        "none",
+        "without SecAgg: encode uploads (int8/int4 stochastic per 256-value block, top-k)",
+        choices=("none", "int8", "int4", "topk"),
+    )
+    update_rotation: bool = _opt(
+        False, "int8/int4: randomized Hadamard rotation per block before quantizing"
+    )
+    topk_fraction: float = _opt(
+        0.01,
+        "topk: share of values sent (the rest is kept for later rounds)",
+        low=0,
+        high=1,
+        low_open=True,
+    )
     # Data and model
     dataset: str = _opt("digits", "digits, breast-cancer, a folder or .csv/.npz path, or hf:<id>")
     label_column: str = _opt("label", "CSV: the target column (numbers or class names)")
@@ -286,8 +301,22 @@ class FedgeConfig:
             )
         if self.edge_nodes_expected and (self.secagg or self.local_dp):
             raise ConfigError(EDGE_MODE_REFUSAL)
+        self._check_compression()
         if self.secagg and self.secagg_num_shares and self.secagg_num_shares < 3:
             raise ConfigError(f"secagg-num-shares must be 0 or >= 3, got {self.secagg_num_shares}")
+
+    def _check_compression(self) -> None:
+        if self.update_compression != "none" and self.secagg:
+            raise ConfigError(
+                f"update-compression={self.update_compression!r} needs each client's upload, "
+                "which SecAgg+ masks with its own encoding; set update-compression='none' "
+                "with secagg=true, or secagg=false"
+            )
+        if self.update_rotation and self.update_compression not in ("int8", "int4"):
+            raise ConfigError(
+                "update-rotation=true rotates before quantizing: set update-compression to "
+                "'int8' or 'int4', or update-rotation=false"
+            )
 
     def _check_target_epsilon(self) -> None:
         """dp-target-epsilon sets σ; the noise multipliers it replaces stay at their

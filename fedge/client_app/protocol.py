@@ -6,6 +6,8 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import ConfigRecord
 
+from fedge.compression import Encoding
+
 REPLY_KEY = "fedge-reply"
 """Train-config key: 'update' asks for Δw (fedge's strategy); absent means full
 weights, so fedge's ClientApp also serves Flower's stock strategies."""
@@ -60,6 +62,16 @@ CARRIES_PARTIAL = "partial-update"
 """Tag field and its values: Δw for every array, or for only some arrays (an edge
 client's classifier head; the others are left to the clients that sent them)."""
 
+COMPRESSION_KEY = "update-compression"
+TOPK_FRACTION_KEY = "topk-fraction"
+ROTATION_KEY = "update-rotation"
+"""Train-config keys: how the server asks clients to encode their update
+(`fedge.compression.Encoding`); absent means float32 arrays."""
+
+ENCODING_KEY = "encoding"
+"""Optional tag field: the `update-compression` scheme the reply's arrays are
+encoded with; absent means float32 arrays, one per model array."""
+
 TAG_ROUND_KEY = "round"
 DIGEST_KEY = "model-digest"
 DIGEST_CHARS = 32
@@ -84,17 +96,43 @@ def update_tag(
     train_config: Mapping[str, object],
     global_arrays: Mapping[str, np.ndarray],
     carries: str = CARRIES_UPDATE,
+    encoding: str = "none",
 ) -> ConfigRecord:
     """The UPDATE_INFO_KEY record for a reply to a train message with this config and model."""
     server_round = train_config.get(ROUND_KEY)
     if not isinstance(server_round, int) or isinstance(server_round, bool):
         raise ValueError(f"the train message has no integer '{ROUND_KEY}' to answer")
-    return ConfigRecord(
+    tag = ConfigRecord(
         {
             CARRIES_KEY: carries,
             TAG_ROUND_KEY: server_round,
             DIGEST_KEY: model_digest(global_arrays),
         }
+    )
+    if encoding != "none":
+        tag[ENCODING_KEY] = encoding
+    return tag
+
+
+def encoding_config(encoding: Encoding) -> dict[str, str | float | bool]:
+    """The train-config entries that ask clients for `encoding`."""
+    return {
+        COMPRESSION_KEY: encoding.scheme,
+        ROTATION_KEY: encoding.rotation,
+        TOPK_FRACTION_KEY: encoding.topk_fraction,
+    }
+
+
+def requested_encoding(train_config: Mapping[str, object]) -> Encoding | None:
+    """The encoding the server asks for, or None (float32 arrays); raises ValueError
+    on values no fedge server sends."""
+    scheme = train_config.get(COMPRESSION_KEY, "none")
+    if scheme == "none":
+        return None
+    return Encoding(
+        str(scheme),
+        bool(train_config.get(ROTATION_KEY, False)),
+        float(train_config.get(TOPK_FRACTION_KEY, 0.01)),  # type: ignore[arg-type]
     )
 
 

@@ -12,7 +12,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from fedge.client_app.local_data import LocalData, local_data, local_seed
 from fedge.client_app.local_ledger import NodeLedger
-from fedge.client_app.privatize import privatize_update
+from fedge.client_app.privatize import encoded_upload, privatize_update
 from fedge.client_app.protocol import (
     DECLINED_KEY,
     LOCAL_EPSILON_KEY,
@@ -193,12 +193,18 @@ def train(msg: Message, context: Context, config: FedgeConfig) -> Message:
     with untagged full weights (Flower's convention, for a stock strategy)."""
     update, metrics = local_update(msg, context, config)
     content = RecordDict({"metrics": metrics})
-    if update is not None:
-        content["arrays"] = to_array_record(update)
     train_config = msg.content.config_records["config"]
-    if train_config.get(REPLY_KEY) == "update":
-        global_arrays = from_array_record(msg.content.array_records["arrays"])
-        content[UPDATE_INFO_KEY] = update_tag(train_config, global_arrays)
+    if train_config.get(REPLY_KEY) != "update":
+        if update is not None:
+            content["arrays"] = to_array_record(update)
+        return Message(content=content, reply_to=msg)
+    global_arrays = from_array_record(msg.content.array_records["arrays"])
+    encoding = "none"
+    if update is not None:
+        content["arrays"], encoding = encoded_upload(
+            update, train_config, global_arrays, context.state, context.node_id
+        )
+    content[UPDATE_INFO_KEY] = update_tag(train_config, global_arrays, encoding=encoding)
     return Message(content=content, reply_to=msg)
 
 

@@ -14,6 +14,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedge.check import server_config
+from fedge.compression import Encoding
 from fedge.config import ConfigError, FedgeConfig
 from fedge.data import DatasetBundle
 from fedge.edge.broadcast import backbone_payload
@@ -78,6 +79,11 @@ def build_strategy(
         if config.acceptance_on
         else None,
         max_failed_rounds=config.max_failed_rounds,
+        compression=Encoding(
+            config.update_compression, config.update_rotation, config.topk_fraction
+        )
+        if config.update_compression != "none"
+        else None,
     )
 
 

@@ -26,8 +26,10 @@ from fedge.client_app.protocol import (
     REPLY_KEY,
     UNCLIPPED_KEY,
     WEIGHT_KEY,
+    encoding_config,
     model_digest,
 )
+from fedge.compression import Encoding
 from fedge.edge.broadcast import BACKBONE_KEY
 from fedge.edge.head import HEAD_BIAS, HEAD_WEIGHT
 from fedge.records import NamedArrays, from_array_record, to_array_record, unflatten
@@ -99,6 +101,7 @@ class FedgeAvg(FedAvg):
         influence: InfluenceBound | None = None,
         acceptance: AcceptanceCheck | None = None,
         max_failed_rounds: int = 0,
+        compression: Encoding | None = None,
         **fedavg_kwargs: object,
     ) -> None:
         super().__init__(weighted_by_key=WEIGHT_KEY, **fedavg_kwargs)  # type: ignore[arg-type]
@@ -117,6 +120,7 @@ class FedgeAvg(FedAvg):
         self.influence = influence or InfluenceBound(norm_factor=0.0, weight_factor=0.0)
         self.acceptance = acceptance  # None: every step that passes the reply checks applies
         self.max_failed_rounds = max_failed_rounds  # 0: never stop for failing replies
+        self.compression = compression  # None: float32 uploads
         self.failing: tuple[str, int] | None = None  # (the shared reason, rounds in a row)
         self.secure_round: SecureRound | None = None
         self.keyed_round: KeyedRound | None = None  # shared keys for the next round
@@ -139,6 +143,8 @@ class FedgeAvg(FedAvg):
         self.wait_for_nodes(grid)
         config[REPLY_KEY] = "update"
         config[MAX_EXAMPLES_KEY] = self.max_num_examples
+        if self.compression is not None:
+            config.update(encoding_config(self.compression))
         self.add_edge_backbone(config, self.current_arrays)
         absolute = self.current_round = self.absolute_round(server_round)
         messages = list(super().configure_train(absolute, arrays, config, grid))
@@ -206,6 +212,7 @@ class FedgeAvg(FedAvg):
             digest=self.current_digest,
             max_num_examples=self.max_num_examples,
             partial_names=self.partial_names,
+            encoding=self.compression,
         )
         if checked is not None and checked.update is not None and self.privacy is not None:
             reason = self.privacy.clip_violation(checked.update)

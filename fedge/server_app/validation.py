@@ -6,7 +6,10 @@ reply's tag (what it carries, for which round and global model: a stale or
 mismatched one is refused; no tag means Flower's convention, full weights), metrics
 (types and ranges, with `num-examples` capped by a public limit), array names,
 then every Array's stype, dtype, shape and byte length against the global model
-(`fedge.records.checked_arrays`), and only then the values (finite). Full weights
+(`fedge.records.checked_arrays`), and only then the values (finite). A compressed
+update (the tag's `encoding`, which must be the run's `update-compression`) is
+checked the same way against the layout the model's size implies, then its scales
+and indices, and only then decoded (`fedge.compression`). Full weights
 become Δw = w − w_global here, so every later rule (clip check, influence bounds)
 sees an update whatever the client's convention. Any failure is a reason string,
 never an exception, so one client cannot end a round.
@@ -29,6 +32,7 @@ from fedge.client_app.protocol import (
     DECLINED_KEY,
     DIGEST_CHARS,
     DIGEST_KEY,
+    ENCODING_KEY,
     LOCAL_EPSILON_KEY,
     LOSS_KEY,
     TAG_ROUND_KEY,
@@ -39,7 +43,8 @@ from fedge.client_app.protocol import (
     WEIGHT_KEY,
     model_digest,
 )
-from fedge.records import NamedArrays, RejectedArray, checked_arrays, untrusted_repr
+from fedge.compression import Encoding, decode, problem, rotation_seed
+from fedge.records import NamedArrays, RejectedArray, checked_arrays, unflatten, untrusted_repr
 
 DEFAULT_MAX_NUM_EXAMPLES = 1000
 
@@ -137,9 +142,13 @@ def reply_carries(
     tag = content.config_records.get(UPDATE_INFO_KEY)
     if tag is None:
         return CARRIES_WEIGHTS, None
-    if len(tag) != len(TAG_FIELDS) or any(field not in tag for field in TAG_FIELDS):
+    fields = TAG_FIELDS + ((ENCODING_KEY,) if ENCODING_KEY in tag else ())
+    if len(tag) != len(fields) or any(field not in tag for field in fields):
         shown = sorted(map(untrusted_repr, list(tag)[:4]))
-        return None, f"'{UPDATE_INFO_KEY}' must hold exactly {list(TAG_FIELDS)}, got {shown}"
+        return None, (
+            f"'{UPDATE_INFO_KEY}' must hold exactly {list(TAG_FIELDS)} "
+            f"(and optionally '{ENCODING_KEY}'), got {shown}"
+        )
     carries, answered, claimed = (tag[field] for field in TAG_FIELDS)
     if not isinstance(carries, str) or carries not in (CARRIES_UPDATE, CARRIES_PARTIAL):
         return None, (
@@ -173,7 +182,15 @@ def masked_upload_reason(content: RecordDict, server_round: int, digest: str) ->
         return "untagged reply: under SecAgg+ only fedge's ClientApp takes part"
     if carries is not None and carries != CARRIES_UPDATE:
         return f"a masked upload must carry {CARRIES_UPDATE!r}, not {carries!r}"
+    if carries is not None and declared_encoding(content) != "none":
+        return "a masked upload is SecAgg+'s own encoding; its tag must name no other"
     return reason
+
+
+def declared_encoding(content: RecordDict) -> object:
+    """The tag's `encoding` ("none" if it names none); read only after `reply_carries`."""
+    tag = content.config_records.get(UPDATE_INFO_KEY)
+    return "none" if tag is None else tag.get(ENCODING_KEY, "none")
 
 
 def _layout(
@@ -233,6 +250,39 @@ def checked_update(
     return arrays, None
 
 
+def checked_encoded(
+    record: ArrayRecord, reference: NamedArrays, encoding: Encoding, seed: int
+) -> tuple[NamedArrays | None, str | None]:
+    """(the decoded update, None) if `record` is exactly `encoding`'s layout for the
+    model's size and its scales and indices are sound, else (None, why).
+
+    Every encoded Array is checked before any is read, so a crafted reply costs
+    at most the model's size in decoding; `seed` is the round's `rotation_seed`.
+    """
+    size = sum(value.size for value in reference.values())
+    # Zero-stride views: the dtypes and shapes `checked_arrays` wants, without allocating.
+    like = {
+        name: np.broadcast_to(np.zeros((), dtype), shape)
+        for name, (dtype, shape) in encoding.layout(size).items()
+    }
+    try:
+        parts = checked_arrays(record, like)
+    except RejectedArray as why:
+        return None, f"{encoding.scheme} encoding: {why}"
+    reason = problem(parts, encoding, size)
+    if reason is not None:
+        return None, f"{encoding.scheme} encoding: {reason}"
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes Inf, refused below
+        update = {
+            name: value.astype(reference[name].dtype)
+            for name, value in unflatten(decode(parts, encoding, size, seed), reference).items()
+        }
+    for name, value in update.items():
+        if not np.isfinite(value).all():
+            return None, f"array {name!r} decodes to NaN or Inf"
+    return update, None
+
+
 def checked_evaluation(reply: Message, max_num_examples: int) -> tuple[MetricRecord | None, str]:
     """(the evaluate reply's known metrics, clean, "") or (None, why not).
 
@@ -284,20 +334,22 @@ def check_reply(
     digest: str | None = None,
     max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES,
     partial_names: frozenset[str] | None = None,
+    encoding: Encoding | None = None,
 ) -> tuple[CheckedReply | None, str | None]:
     """(the checked reply, None) if it can be used against `reference`, else (None, why).
 
     `reference` is the global model sent for `server_round`; `digest` its
     `model_digest` (computed if not given). `partial_names`: the arrays edge clients
     train, or None when the run has no edge clients (then no partial update is
-    accepted). An untagged reply's weights become an update. A declined reply
+    accepted). `encoding`: the run's `update-compression` (None: float32), which
+    full updates must use; partial updates and untagged weights are float32.
+    An untagged reply's weights become an update. A declined reply
     (local privacy budget spent) carries no arrays and comes back with update None.
     """
     if reply.has_error():
         return None, client_error(reply)
-    metric_record, carries, reason = _layout(
-        reply, server_round, model_digest(reference) if digest is None else digest
-    )
+    digest = model_digest(reference) if digest is None else digest
+    metric_record, carries, reason = _layout(reply, server_round, digest)
     if metric_record is None:
         return None, reason
     metrics, reason = checked_metrics(metric_record, max_num_examples)
@@ -311,7 +363,18 @@ def check_reply(
         return CheckedReply(None, metrics), None
     if len(records) != 1:
         return None, f"expected one ArrayRecord, got {len(records)}"
-    update, reason = checked_update(records[0], reference, partial, partial_names)
+    expected = encoding.scheme if encoding is not None and carries == CARRIES_UPDATE else "none"
+    declared = declared_encoding(reply.content)
+    if declared != expected:
+        return None, (
+            f"arrays encoded as {untrusted_repr(declared)}, this run expects {expected!r} "
+            "here (update-compression)"
+        )
+    if encoding is not None and expected != "none":
+        seed = rotation_seed(server_round, digest)
+        update, reason = checked_encoded(records[0], reference, encoding, seed)
+    else:
+        update, reason = checked_update(records[0], reference, partial, partial_names)
     if update is not None and carries == CARRIES_WEIGHTS:
         update, reason = as_update(update, reference)
     return (None, reason) if update is None else (CheckedReply(update, metrics), None)
