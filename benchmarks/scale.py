@@ -499,6 +499,8 @@ def digits(args: argparse.Namespace) -> dict[str, Any]:
         ("secagg", True, 0),
         ("secagg_k", True, sparse_shares(sampled)),
     ):
+        if label not in args.digits_variants:
+            continue
         run = ["--digits-run", str(int(secagg)), str(shares), str(nodes), str(sampled)]
         runs[label] = capped(run, args.digits_cap, f"digits {label}")
         logging.info("digits %s: %s", label, runs[label].get("round_s", runs[label].get("note")))
@@ -524,6 +526,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--digits", action="store_true", help="also run the digits runs")
     parser.add_argument("--digits-nodes", type=int, default=1000)
     parser.add_argument("--digits-sampled", type=int, default=100)
+    parser.add_argument(
+        "--digits-variants",
+        nargs="+",
+        choices=("plain", "secagg", "secagg_k"),
+        default=["plain", "secagg", "secagg_k"],
+    )
     parser.add_argument("--digits-cap", type=float, default=600.0)
     parser.add_argument("--skip-protocol", action="store_true")
     parser.add_argument("--cell", nargs=4, metavar=("VARIANT", "SAMPLED", "CONNECTED", "PARAMS"))
