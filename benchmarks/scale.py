@@ -414,7 +414,7 @@ def protocol(args: argparse.Namespace) -> dict[str, Any]:
     for sampled in sorted(args.sampled):
         for variant in args.variants:
             if variant in given_up:
-                note = f"not run: {given_up[variant]} at fewer sampled clients"
+                note = f"not run: {given_up[variant]}"
                 cells[f"{variant}@{sampled}"] = {"finished": False, "note": note}
                 continue
             cell = [variant, str(sampled), str(args.connected), str(args.params)]
@@ -425,7 +425,7 @@ def protocol(args: argparse.Namespace) -> dict[str, Any]:
             result.setdefault("sampled", sampled)
             cells[f"{variant}@{sampled}"] = result
             if not result["finished"]:
-                given_up[variant] = f"{result['note']} at {sampled}"
+                given_up[variant] = f"{result['note']} at {sampled} sampled"
             logging.info("%s: %s", label, result.get("round_s", result.get("note")))
     ratios: dict[str, dict[str, float | None]] = {}
     for sampled in args.sampled:
