@@ -55,6 +55,7 @@ class RecordingGrid(NodeGrid):
         super().__init__(self.contexts)
         self.log: list[tuple[str, int, set[int] | None]] = []  # (message type, dst, ids named)
         self.graphs: list[set[int]] = []  # every `participants` list sent, as a set
+        self.payload_keys: list[set[str]] = []  # the SecAgg+ payload keys of every message
 
     def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
         replies = []
@@ -62,6 +63,8 @@ class RecordingGrid(NodeGrid):
             node = message.metadata.dst_node_id
             self.log.append((message.metadata.message_type, node, named_ids(message)))
             self.graphs += participant_lists(message)
+            payload = message.content.config_records.get(SECAGG_PAYLOAD_KEY, ConfigRecord())
+            self.payload_keys.append(set(payload))
             received = message_from_proto(message_to_proto(message))
             replies.append(message_from_proto(message_to_proto(self.handle(received, node))))
         return replies
@@ -143,3 +146,26 @@ def test_secagg_graph_is_the_sampled_set_not_the_connected_set(num_shares: int) 
             want = sum(_weight(k) * _update(k)[name].astype(np.float64) for k in sampled) / total
             np.testing.assert_allclose(got[name], want, atol=1e-3)
     assert samples[0] != samples[1]
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_keys_are_shared_a_round_ahead_only_without_sampling() -> None:
+    """Keys shared ahead fit only a next round with the same clients: with sampling they
+    would be wasted work (found by benchmarks/scale.py: key sharing ran twice a round)."""
+
+    def ahead(fraction: float, nodes: tuple[int, ...]) -> int:
+        grid = RecordingGrid(nodes)
+        strategy = FedgeAvg(
+            secagg=SecAggSettings(0, 0, max_weight=100, clip_norm=1.0, timeout=60),
+            fraction_train=fraction,
+            fraction_evaluate=0.0,
+            min_train_nodes=2,
+            min_available_nodes=len(nodes),
+        )
+        messages = strategy.configure_train(1, to_array_record(GLOBAL), ConfigRecord(), grid)
+        strategy.aggregate_train(1, grid.send_and_receive(messages, timeout=60))
+        assert strategy.report.aggregated
+        return sum(NEXT_ROUND_PREFIX + "participants" in keys for keys in grid.payload_keys)
+
+    assert ahead(1.0, CONNECTED[:6]) > 0  # the next round's setup rides on this one
+    assert ahead(SAMPLED / len(CONNECTED), CONNECTED) == 0

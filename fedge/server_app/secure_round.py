@@ -65,11 +65,19 @@ class SecureRound:
     sharing completed (pass it to the next SecureRound), else None.
     """
 
-    def __init__(self, grid: Grid, timeout: float, shape: Shape, keyed: KeyedRound | None) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        timeout: float,
+        shape: Shape,
+        keyed: KeyedRound | None,
+        share_ahead: bool = True,
+    ) -> None:
         self.grid = grid
         self.timeout = timeout
         self.shape = shape
         self.keyed = keyed
+        self.share_ahead = share_ahead  # share the next round's keys during this one
         self.server: SecAggServer | None = None
         self.next_server: SecAggServer | None = None
         self.next_round: KeyedRound | None = None
@@ -123,7 +131,11 @@ class SecureRound:
             shares = self._exchange(Stage.SHARE_KEYS, self.server.receive_public_keys(keys))
             uploads = self.server.receive_encrypted_shares(shares)
             log(INFO, "SecAgg: %s of %s clients shared keys", len(uploads), len(nodes))
-        next_setup = self._start_next_round(sorted(uploads), vector_length, clip_range, max_weight)
+        next_setup = (
+            self._start_next_round(sorted(uploads), vector_length, clip_range, max_weight)
+            if self.share_ahead
+            else {}
+        )
         messages = []
         for message in train_messages:
             node = message.metadata.dst_node_id

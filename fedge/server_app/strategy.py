@@ -183,7 +183,15 @@ class FedgeAvg(FedAvg):
         """Key exchange before training; an abort skips the round (model unchanged)."""
         assert self.secagg is not None
         clip_range, max_weight = self.secagg.encoding(self.privacy)
-        secure_round = SecureRound(grid, self.secagg.timeout, self.secagg.shape, self.keyed_round)
+        # Keys shared ahead serve only a next round with the same clients: with sampling
+        # (fraction-train < 1) that almost never happens, and the work would be wasted.
+        secure_round = SecureRound(
+            grid,
+            self.secagg.timeout,
+            self.secagg.shape,
+            self.keyed_round,
+            share_ahead=self.fraction_train >= 1.0,
+        )
         self.keyed_round = None  # used up, whether the round completes or not
         try:
             messages = secure_round.open(
