@@ -290,7 +290,7 @@ class LocalDeployment:
             name,
             argv,
             self.logs_dir / f"{name}.log",
-            env=self._process_env(self.homes_dir / name),
+            env=self._node_env(self.homes_dir / name),
             cwd=self.directory,
         )
         self.extra_processes.append(process)
@@ -533,7 +533,7 @@ class LocalDeployment:
             spec.name,
             self._supernode_argv(spec, private_key=key),
             self.logs_dir / f"{spec.name}.log",
-            env=self._process_env(self.homes_dir / spec.name),
+            env=self._node_env(self.homes_dir / spec.name),
             cwd=self.directory,
         )
 
@@ -564,6 +564,16 @@ class LocalDeployment:
         env["PYTHONUNBUFFERED"] = "1"
         # SuperExec polls its SuperNode for tasks every 1 s by default: up to 1 s per message.
         env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
+        return env
+
+    def _node_env(self, flwr_home: Path) -> dict[str, str]:
+        """A SuperNode's environment: its share of this machine's cores for torch/OpenMP.
+
+        N SuperNodes on one host each default to every core, so N trainers at once
+        oversubscribe the CPU (as Ray avoids in simulation by giving an actor 1 CPU).
+        """
+        env = self._process_env(flwr_home)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(self.nodes))))
         return env
 
     def _node_process(self, index: int) -> ManagedProcess:

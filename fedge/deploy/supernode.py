@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import inspect
 import logging
 import os
@@ -46,6 +47,7 @@ IDLE_SLEEP = 3  # Flower's pause after an empty pull
 REPLY_SLEEP = 0.5  # Flower's pause between checks for the ClientApp's reply
 REPLY_PAUSE = 0.02  # a local, in-memory check: cheap
 SECRET_NAME = "superexec-auth.secret"
+OBJECT_PULL_BACKOFF = {"initial_backoff": 0.01, "backoff_cap": 0.25}
 RESTART_PAUSES = (0.5, 1.0, 2.0, 5.0)  # a worker that keeps dying is restarted less eagerly
 
 
@@ -56,7 +58,7 @@ class FlowerChanged(UserError):
 class Backoff:
     """Pauses that start at `first` after activity and grow by `growth` up to `maximum`."""
 
-    def __init__(self, first: float, maximum: float, growth: float = 1.5) -> None:
+    def __init__(self, first: float = 0.05, maximum: float = 0.5, growth: float = 1.5) -> None:
         if not 0 < first <= maximum:
             raise ValueError(
                 f"--poll-first ({first}) must be > 0 and at most --poll-max ({maximum})"
@@ -129,6 +131,12 @@ def check_flower_internals() -> None:
         problems.append(f"its idle pause is no longer `time.sleep({IDLE_SLEEP})`")
     if f"time.sleep({REPLY_SLEEP})" not in inspect.getsource(module._push_messages):
         problems.append(f"its reply wait is no longer `time.sleep({REPLY_SLEEP})`")
+    problems += _backoff_problems(module, "pull_objects", "_pull_and_store_message")
+    from flwr.supernode.runtime import run_clientapp
+
+    problems += _backoff_problems(
+        run_clientapp, "pull_and_inflate_object_from_tree", "pull_task_input"
+    )
     if problems:
         raise FlowerChanged(
             "fedge deploy supernode cannot patch this Flower's SuperNode: "
@@ -137,10 +145,30 @@ def check_flower_internals() -> None:
         )
 
 
+def _backoff_problems(module: ModuleType, function: str, caller: str) -> list[str]:
+    """Whether `module.caller` still pulls objects through `module.function(..., backoff)`."""
+    pulls = getattr(module, function, None)
+    if isinstance(pulls, functools.partial):
+        pulls = pulls.func
+    if pulls is None or not set(OBJECT_PULL_BACKOFF) <= inspect.signature(pulls).parameters.keys():
+        return [f"{module.__name__}.{function} no longer takes {sorted(OBJECT_PULL_BACKOFF)}"]
+    if f"{function}(" not in inspect.getsource(getattr(module, caller)):
+        return [f"{module.__name__}.{caller} no longer calls {function}"]
+    return []
+
+
 def install_schedule(schedule: PullSchedule) -> None:
-    """Make Flower's SuperNode loop in this process use `schedule` for its pauses."""
+    """Make Flower's SuperNode loop in this process use `schedule` for its pauses.
+
+    Also its object pulls: the SuperLink lists a message before the ServerApp has pushed
+    all of its objects, and Flower retries a missing object after 1 s, 2 s, 4 s ...;
+    here after `OBJECT_PULL_BACKOFF` (10 ms, doubling up to 0.25 s).
+    """
     check_flower_internals()
-    _internals().time = _ScheduledTime(schedule)  # type: ignore[attr-defined]
+    module = _internals()
+    module.time = _ScheduledTime(schedule)  # type: ignore[attr-defined]
+    if not isinstance(module.pull_objects, functools.partial):
+        module.pull_objects = functools.partial(module.pull_objects, **OBJECT_PULL_BACKOFF)
 
 
 def write_secret(directory: Path) -> Path:

@@ -18,6 +18,7 @@ a new worker. Only the app this worker loaded first runs warm: a task of another
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import subprocess
 import sys
@@ -42,15 +43,36 @@ from flwr.supercore.interceptors import (
 )
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime import run_clientapp
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-from fedge.deploy.supernode import Backoff, quiet_logs
+from fedge.deploy.supernode import (
+    OBJECT_PULL_BACKOFF,
+    Backoff,
+    check_flower_internals,
+    quiet_logs,
+)
 
 logger = logging.getLogger("fedge.worker")
 
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
 STARTED_LINE = "fedge worker: start ClientApp task"  # benchmarks/deploy_latency.py reads it
 DONE_LINE = "fedge worker: task done"  # its reply and context are with the SuperNode
+
+
+def quick_object_pulls() -> None:
+    """Retry a message's not-yet-stored objects after 10 ms, not Flower's 1, 2, 4 ... s.
+
+    The SuperNode hands out a task before it has pulled the message's objects from the
+    SuperLink; a cold `flwr-clientapp` starts slowly enough not to notice, a warm worker
+    asks at once and would sleep out Flower's 1 s first backoff and more.
+    """
+    check_flower_internals()
+    inflate = run_clientapp.pull_and_inflate_object_from_tree
+    if not isinstance(inflate, functools.partial):
+        run_clientapp.pull_and_inflate_object_from_tree = functools.partial(  # type: ignore[assignment]
+            inflate, **OBJECT_PULL_BACKOFF
+        )
 
 
 class Worker:
@@ -152,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_logs()
+    quick_object_pulls()
     if args.parent_pid is not None:
         start_parent_process_monitor(args.parent_pid)
     secret = load_superexec_auth_secret(args.superexec_auth_secret_file)
