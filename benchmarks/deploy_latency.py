@@ -8,8 +8,13 @@ federated evaluation on every node) runs
 - `sim`: through Flower's Simulation Engine in this process
   (`fedge.simulation.run_inprocess`, `--nodes` virtual SuperNodes on Ray), and
 - `deploy`: on a real local deployment (`fedge.deploy.LocalDeployment`: one
-  `flower-superlink` and `--nodes` `flower-supernode` processes on 127.0.0.1, TLS and
-  SuperNode authentication on) through `flwr run <project copy> fedge-local --stream`.
+  `flower-superlink` and `--nodes` SuperNodes on 127.0.0.1, TLS and SuperNode
+  authentication on) through `flwr run <project copy> fedge-local --stream`, with
+  fedge's SuperNodes (`fedge deploy supernode`: responsive pulls, a warm ClientApp
+  worker), and
+- `deploy_stock`: the same with Flower's own `flower-supernode` (3 s idle poll, one
+  `flwr-clientapp` process per message), side by side in the same run
+  (`--supernodes fast stock`).
 
 Node i trains on partition i of `--nodes` both ways. Round latency is metrics.jsonl's
 `seconds` (the ServerApp's time from one round's centralized evaluation to the next).
@@ -21,18 +26,19 @@ deploy/sim ratio of medians, and each run's wall time.
 While `flwr run` runs, a thread tails every SuperNode log (they carry no timestamps)
 and stamps each line as it appears (50 ms poll), to split a message's life on a node:
 `pickup` (the SuperNode's "Receiving" -> the new `flwr-clientapp` process's first log
-line: pulling the message, SuperExec's 1 s task poll, starting Python and importing
-Flower's CLI), `clientapp` (-> the SuperNode's "Sending": loading fedge's ClientApp, the
-handler, including importing torch and training for train/evaluate messages, handing
-the reply back, and the SuperNode's 0.5 s reply poll) and `gap` (the node's previous
-reply sent -> this message received: the stage's slowest node, the ServerApp's 3 s
-reply poll, its own work and the SuperNode's 3 s idle poll). `cold_import_s` times a
+line, or the warm worker's "start ClientApp task": pulling the message, the task poll,
+and for `flwr-clientapp` starting Python and importing Flower's CLI), `clientapp`
+(-> the SuperNode's "Sending": loading fedge's ClientApp, the handler, including
+importing torch and training for train/evaluate messages, handing the reply back, and
+the SuperNode's reply poll) and `gap` (the node's previous reply sent -> this message
+received: the stage's slowest node, the ServerApp's reply poll, its own work and the
+SuperNode's idle poll). `cold_import_s` times a
 bare interpreter importing what a ClientApp process imports (fedge's ClientApp; plus
 torch for train/evaluate messages), and `tls_health_check_ms` one HTTPS request to the
 SuperLink on a fresh TLS connection.
 
 Usage: `python benchmarks/deploy_latency.py [--rounds 3] [--nodes 3]
-[--variants plain secagg] [--out result.json]`
+[--variants plain secagg] [--supernodes fast stock] [--out result.json]`
 """
 
 from __future__ import annotations

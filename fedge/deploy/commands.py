@@ -181,8 +181,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     local = commands.add_parser(
         "local",
         help="start a SuperLink and N SuperNodes on 127.0.0.1 (TLS and auth on)",
-        description="Start flower-superlink and N flower-supernode processes on 127.0.0.1, "
-        "with TLS and SuperNode authentication unless --insecure, and print the "
+        description="Start flower-superlink and N SuperNodes (fedge deploy supernode) on "
+        "127.0.0.1, with TLS and SuperNode authentication unless --insecure, and print the "
         "`flwr run` command that uses them. Ctrl-C stops everything.",
     )
     local.add_argument("--nodes", type=int, default=2, help="SuperNodes to start")
