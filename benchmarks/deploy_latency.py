@@ -8,8 +8,13 @@ federated evaluation on every node) runs
 - `sim`: through Flower's Simulation Engine in this process
   (`fedge.simulation.run_inprocess`, `--nodes` virtual SuperNodes on Ray), and
 - `deploy`: on a real local deployment (`fedge.deploy.LocalDeployment`: one
-  `flower-superlink` and `--nodes` `flower-supernode` processes on 127.0.0.1, TLS and
-  SuperNode authentication on) through `flwr run <project copy> fedge-local --stream`.
+  `flower-superlink` and `--nodes` SuperNodes on 127.0.0.1, TLS and SuperNode
+  authentication on) through `flwr run <project copy> fedge-local --stream`, with
+  fedge's SuperNodes (`fedge deploy supernode`: responsive pulls, a warm ClientApp
+  worker), and
+- `deploy_stock`: the same with Flower's own `flower-supernode` (3 s idle poll, one
+  `flwr-clientapp` process per message), side by side in the same run
+  (`--supernodes fast stock`).
 
 Node i trains on partition i of `--nodes` both ways. Round latency is metrics.jsonl's
 `seconds` (the ServerApp's time from one round's centralized evaluation to the next).
@@ -21,18 +26,19 @@ deploy/sim ratio of medians, and each run's wall time.
 While `flwr run` runs, a thread tails every SuperNode log (they carry no timestamps)
 and stamps each line as it appears (50 ms poll), to split a message's life on a node:
 `pickup` (the SuperNode's "Receiving" -> the new `flwr-clientapp` process's first log
-line: pulling the message, SuperExec's 1 s task poll, starting Python and importing
-Flower's CLI), `clientapp` (-> the SuperNode's "Sending": loading fedge's ClientApp, the
-handler, including importing torch and training for train/evaluate messages, handing
-the reply back, and the SuperNode's 0.5 s reply poll) and `gap` (the node's previous
-reply sent -> this message received: the stage's slowest node, the ServerApp's 3 s
-reply poll, its own work and the SuperNode's 3 s idle poll). `cold_import_s` times a
+line, or the warm worker's "start ClientApp task": pulling the message, the task poll,
+and for `flwr-clientapp` starting Python and importing Flower's CLI), `clientapp`
+(-> the SuperNode's "Sending": loading fedge's ClientApp, the handler, including
+importing torch and training for train/evaluate messages, handing the reply back, and
+the SuperNode's reply poll) and `gap` (the node's previous reply sent -> this message
+received: the stage's slowest node, the ServerApp's reply poll, its own work and the
+SuperNode's idle poll). `cold_import_s` times a
 bare interpreter importing what a ClientApp process imports (fedge's ClientApp; plus
 torch for train/evaluate messages), and `tls_health_check_ms` one HTTPS request to the
 SuperLink on a fresh TLS connection.
 
 Usage: `python benchmarks/deploy_latency.py [--rounds 3] [--nodes 3]
-[--variants plain secagg] [--out result.json]`
+[--variants plain secagg] [--supernodes fast stock] [--out result.json]`
 """
 
 from __future__ import annotations
@@ -57,10 +63,17 @@ from deploy_helpers import app_copy, read_rows, run_config_arg  # noqa: E402
 from report import finish, parse_with_common_options, start  # noqa: E402
 
 from fedge.deploy import LocalDeployment  # noqa: E402
+from fedge.deploy.worker import STARTED_LINE  # noqa: E402
 
 logger = logging.getLogger("deploy_latency")
 
-LINE = re.compile(r"(Receiving|Sending): (\S+) message|Start `flwr-clientapp` process|Sent succ")
+SUPERNODES = {"fast": "deploy", "stock": "deploy_stock"}  # -> the result's key
+
+LINE = re.compile(
+    r"(Receiving|Sending): (\S+) message|Start `flwr-clientapp` process|"
+    + re.escape(STARTED_LINE)
+    + "|Sent succ"
+)
 
 
 class LogStamps(threading.Thread):
@@ -97,7 +110,7 @@ class LogStamps(threading.Thread):
                     continue
                 if match.group(1):
                     event, kind = match.group(1).lower(), match.group(2)
-                elif "Start" in match.group(0):
+                elif match.group(0) != "Sent succ":
                     event, kind = "start", ""
                 else:
                     event, kind = "sent", ""
@@ -218,11 +231,25 @@ def run_deploy(
     return report
 
 
+def ratio(numerator: dict[str, Any], denominator: dict[str, Any], key: str) -> float | None:
+    if not numerator.get(key) or not denominator.get(key):
+        return None
+    return round(numerator[key] / denominator[key], 2)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=["plain", "secagg"])
+    parser.add_argument(
+        "--supernodes",
+        nargs="+",
+        choices=SUPERNODES,
+        default=["fast", "stock"],
+        help="fast: `fedge deploy supernode` (the default of LocalDeployment); "
+        "stock: Flower's own flower-supernode, for comparison",
+    )
     parser.add_argument("--timeout", type=float, default=1200, help="per `flwr run`, seconds")
     return parse_with_common_options(parser, argv)
 
@@ -245,24 +272,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             logger.info("simulation: %s", variant)
             results[variant]["sim"] = run_sim(variant, args, root / "sim")
         app = app_copy(root / "app")
-        deploy_started = time.perf_counter()
-        with LocalDeployment(
-            args.nodes, root / "deploy", port_base=0, workdir=root, startup_timeout=300
-        ) as federation:
-            report["deployment_start_s"] = round(time.perf_counter() - deploy_started, 1)
-            report["tls_health_check_ms"] = tls_health_check_ms(federation)
-            for variant in args.variants:
-                logger.info("deployment: %s", variant)
-                results[variant]["deploy"] = run_deploy(
-                    federation, app, variant, args, root / "deploy-out"
-                )
+        for supernodes in args.supernodes:
+            key = SUPERNODES[supernodes]
+            deploy_started = time.perf_counter()
+            with LocalDeployment(
+                args.nodes,
+                root / key,
+                port_base=0,
+                workdir=root,
+                startup_timeout=300,
+                fast=supernodes == "fast",
+            ) as federation:
+                report[f"{key}_start_s"] = round(time.perf_counter() - deploy_started, 1)
+                report["tls_health_check_ms"] = tls_health_check_ms(federation)
+                for variant in args.variants:
+                    logger.info("deployment (%s SuperNodes): %s", supernodes, variant)
+                    results[variant][key] = run_deploy(
+                        federation, app, variant, args, root / f"{key}-out"
+                    )
     for result in results.values():
-        sim, deploy = result["sim"], result["deploy"]
-        result["ratio_of_medians"] = round(deploy["median_s"] / sim["median_s"], 2)
-        if sim["median_after_round_1_s"] and deploy["median_after_round_1_s"]:
-            result["ratio_of_medians_after_round_1"] = round(
-                deploy["median_after_round_1_s"] / sim["median_after_round_1_s"], 2
+        for key in (SUPERNODES[supernodes] for supernodes in args.supernodes):
+            result[f"{key}_ratio_of_medians"] = ratio(result[key], result["sim"], "median_s")
+            result[f"{key}_ratio_of_medians_after_round_1"] = ratio(
+                result[key], result["sim"], "median_after_round_1_s"
             )
+        if {"deploy", "deploy_stock"} <= result.keys():
+            result["stock_over_fast"] = ratio(result["deploy_stock"], result["deploy"], "median_s")
     report["variants"] = results
     return finish(report, started, args.out)
 

@@ -1,4 +1,4 @@
-"""`fedge certs` and `fedge deploy local`: a real Flower deployment, TLS and auth on."""
+"""`fedge certs` and `fedge deploy ...`: a real Flower deployment, TLS and auth on."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from types import FrameType
 
 from fedge.cli import reports_errors
+from fedge.deploy import supernode
 from fedge.deploy.certs import create_certificates, load_server_hosts
 from fedge.deploy.gateway import DEFAULT_MAX_BODY, Upstream, serve
 from fedge.deploy.local import DEFAULT_CONNECTION, DEFAULT_DIR, DeploymentError, LocalDeployment
@@ -79,6 +80,7 @@ def _deploy_local(args: argparse.Namespace) -> int:
         node_config_extra=args.node_config_extra,
         connection=args.connection,
         startup_timeout=args.timeout,
+        fast=not args.stock_supernodes,
     )
     previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
@@ -115,6 +117,14 @@ def _deploy_local(args: argparse.Namespace) -> int:
 
 
 @reports_errors
+def _supernode(args: argparse.Namespace) -> int:
+    """Run `fedge deploy supernode` (fedge/deploy/supernode.py) until stopped."""
+    options, flower_args = supernode.parse_args(args.flwr_args[1:])  # after "supernode"
+    supernode.run(options, flower_args)
+    return 0
+
+
+@reports_errors
 def _fleet_gateway(args: argparse.Namespace) -> int:
     """Serve the Fleet-only gateway (fedge/deploy/gateway.py) until stopped."""
     given = [
@@ -135,7 +145,7 @@ def _fleet_gateway(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `certs`, `deploy local` and `deploy fleet-gateway` to the `fedge` command line."""
+    """Add `certs` and `deploy local|supernode|fleet-gateway` to the `fedge` command line."""
     certs = subparsers.add_parser(
         "certs",
         help="make a CA, a SuperLink TLS certificate and SuperNode auth keys",
@@ -171,8 +181,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     local = commands.add_parser(
         "local",
         help="start a SuperLink and N SuperNodes on 127.0.0.1 (TLS and auth on)",
-        description="Start flower-superlink and N flower-supernode processes on 127.0.0.1, "
-        "with TLS and SuperNode authentication unless --insecure, and print the "
+        description="Start flower-superlink and N SuperNodes (fedge deploy supernode) on "
+        "127.0.0.1, with TLS and SuperNode authentication unless --insecure, and print the "
         "`flwr run` command that uses them. Ctrl-C stops everything.",
     )
     local.add_argument("--nodes", type=int, default=2, help="SuperNodes to start")
@@ -212,7 +222,24 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     local.add_argument(
         "--timeout", type=float, default=180.0, help="seconds to wait for everything to start"
     )
+    local.add_argument(
+        "--stock-supernodes",
+        action="store_true",
+        help="run Flower's plain flower-supernode (3 s idle poll, one flwr-clientapp process "
+        "per message) instead of `fedge deploy supernode`",
+    )
     local.set_defaults(func=_deploy_local)
+
+    node = commands.add_parser(
+        "supernode",
+        help="Flower's SuperNode with a responsive poll and a warm ClientApp worker",
+        description=supernode.__doc__.splitlines()[0] if supernode.__doc__ else None,
+        epilog="Every other option goes to Flower's flower-supernode unchanged, e.g. "
+        "fedge deploy supernode --superlink HOST:9092 --root-certificates ca.crt "
+        "--auth-supernode-private-key node.key --node-config 'partition-id=0 num-partitions=3'",
+    )
+    supernode.add_options(node)
+    node.set_defaults(func=_supernode, passes_flwr_args=True)
 
     gateway = commands.add_parser(
         "fleet-gateway",

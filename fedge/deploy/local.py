@@ -13,12 +13,14 @@ SuperLink is the operator's (loopback) address and SuperNodes get a Fleet-only g
     fedge deploy fleet-gateway --listen 127.0.0.1:F --superlink 127.0.0.1:P
         --ssl-certfile server.pem --ssl-keyfile server.key --root-certificates ca.crt
     flwr supernode register supernode-i.pub <connection>  (Control API: P)
-    flower-supernode --superlink 127.0.0.1:F --root-certificates ca.crt
+    fedge deploy supernode --superlink 127.0.0.1:F --root-certificates ca.crt
         --auth-supernode-private-key supernode-i.key
         --node-config "partition-id=i num-partitions=N" --host 127.0.0.1 --port Q_i
 
 Q_i is each SuperNode's own Runtime API port (what older Flower called the
 ClientAppIo address); two SuperNodes on one host must not share it.
+`fedge deploy supernode` is Flower's SuperNode with a responsive poll and a warm
+ClientApp worker (fedge/deploy/supernode.py); `fast=False` runs `flower-supernode`.
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ class LocalDeployment:
         workdir: str | os.PathLike[str] | None = None,
         startup_timeout: float = 180.0,
         env: Mapping[str, str] | None = None,
+        fast: bool = True,
     ) -> None:
         if nodes < 1:
             raise ValueError(f"--nodes must be at least 1, got {nodes}")
@@ -157,6 +160,7 @@ class LocalDeployment:
         self.connection = connection
         self.workdir = Path(workdir).resolve() if workdir is not None else Path.cwd()
         self.startup_timeout = startup_timeout
+        self.fast = fast
         self.certs: CertificateSet | None = None
         self.flwr_home = self.directory / "flwr-home"
         self.logs_dir = self.directory / "logs"
@@ -286,7 +290,7 @@ class LocalDeployment:
             name,
             argv,
             self.logs_dir / f"{name}.log",
-            env=self._process_env(self.homes_dir / name),
+            env=self._node_env(self.homes_dir / name),
             cwd=self.directory,
         )
         self.extra_processes.append(process)
@@ -529,14 +533,18 @@ class LocalDeployment:
             spec.name,
             self._supernode_argv(spec, private_key=key),
             self.logs_dir / f"{spec.name}.log",
-            env=self._process_env(self.homes_dir / spec.name),
+            env=self._node_env(self.homes_dir / spec.name),
             cwd=self.directory,
         )
 
     def _supernode_argv(
         self, spec: NodeSpec, *, private_key: Path | None, root: Path | None = None
     ) -> list[str]:
-        argv = [_executable("flower-supernode"), "--superlink", self.fleet_address]
+        if self.fast:  # Flower's SuperNode, responsive and warm (fedge/deploy/supernode.py)
+            argv = [sys.executable, "-m", "fedge.cli", "deploy", "supernode"]
+        else:
+            argv = [_executable("flower-supernode")]
+        argv += ["--superlink", self.fleet_address]
         if self.insecure:
             argv += ["--insecure"]
         else:
@@ -556,6 +564,16 @@ class LocalDeployment:
         env["PYTHONUNBUFFERED"] = "1"
         # SuperExec polls its SuperNode for tasks every 1 s by default: up to 1 s per message.
         env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
+        return env
+
+    def _node_env(self, flwr_home: Path) -> dict[str, str]:
+        """A SuperNode's environment: its share of this machine's cores for torch/OpenMP.
+
+        N SuperNodes on one host each default to every core, so N trainers at once
+        oversubscribe the CPU (as Ray avoids in simulation by giving an actor 1 CPU).
+        """
+        env = self._process_env(flwr_home)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(self.nodes))))
         return env
 
     def _node_process(self, index: int) -> ManagedProcess:
