@@ -51,7 +51,8 @@ class MixedDeployment(LocalDeployment):
         if spec.index != EDGE:
             return argv
         guest = {path: self._into_root(Path(path)) for path in argv if Path(path).is_file()}
-        guest[argv[0]] = f"{VENV}/bin/flower-supernode"
+        # The fast SuperNode runs as `python -m fedge.cli deploy supernode`, else Flower's own
+        guest[argv[0]] = f"{VENV}/bin/python" if self.fast else f"{VENV}/bin/flower-supernode"
         env = dict(self._process_env(Path(GUEST_RUN) / "home"))
         keep = ("FLWR_HOME", "FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK")
         keep += ("PYTHONUNBUFFERED", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL")
