@@ -51,8 +51,7 @@ class MixedDeployment(LocalDeployment):
         if spec.index != EDGE:
             return argv
         guest = {path: self._into_root(Path(path)) for path in argv if Path(path).is_file()}
-        # The fast SuperNode runs as `python -m fedge.cli deploy supernode`, else Flower's own
-        guest[argv[0]] = f"{VENV}/bin/python" if self.fast else f"{VENV}/bin/flower-supernode"
+        guest[argv[0]] = f"{VENV}/bin/flower-supernode"
         env = dict(self._process_env(Path(GUEST_RUN) / "home"))
         keep = ("FLWR_HOME", "FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK")
         keep += ("PYTHONUNBUFFERED", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL")
@@ -239,6 +238,7 @@ def main() -> int:
         OUT / "deploy",
         port_base=0,
         edge_nodes=1,
+        fast=False,  # Flower's own SuperNodes, as measured in docs/edge.md
         workdir=OUT,
         startup_timeout=900,
     )

@@ -63,7 +63,9 @@ def test_edge_supernode_runs_in_the_root_on_loopback_with_tls(
 ) -> None:
     root = tmp_path / "root"
     driver = _driver(monkeypatch, root)
-    federation = driver.MixedDeployment(3, tmp_path / "deploy", port_base=0, edge_nodes=1)
+    federation = driver.MixedDeployment(
+        3, tmp_path / "deploy", port_base=0, edge_nodes=1, fast=False
+    )
     federation.certs = create_certificates(tmp_path / "certs", LOOPBACK_HOSTS, 3).certs
     key = federation.certs.node_private_key(driver.EDGE)
 
