@@ -78,7 +78,9 @@ BASE: dict[str, Any] = {"partitioner": "iid", "local-epochs": 1, "fraction-evalu
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDeployment]:
-    with deployment(NODES, tmp_path_factory.mktemp("faults")) as federation:
+    # Flower's own SuperNodes: these fault tests read their logs and kill -9 whole nodes;
+    # the fast SuperNode's worker recovery is tested in test_deploy_fast.py.
+    with deployment(NODES, tmp_path_factory.mktemp("faults"), fast=False) as federation:
         yield federation
 
 
