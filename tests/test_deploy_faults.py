@@ -50,6 +50,7 @@ from fedge.client_app.protocol import CLIP_KEY, REPLY_KEY, WEIGHT_KEY
 from fedge.client_app.torch_client import local_update
 from fedge.config import FedgeConfig
 from fedge.deploy import LocalDeployment
+from fedge.deploy.local import node_threads
 from fedge.models import build_model, state_to_numpy
 from fedge.records import to_array_record
 from fedge.secagg import quantization_error_bound
@@ -341,15 +342,22 @@ def recompute_round_1(config: dict[str, Any]) -> Round1:
         }
     )
     weighted, weights = {}, {}
-    for partition, context in node_contexts(range(NODES), config).items():
-        message = instruction(partition)
-        message.content = content
-        update, metrics = local_update(message, context, cfg)
-        assert update is not None
-        weights[partition] = min(int(metrics[WEIGHT_KEY]), cfg.max_num_examples)
-        weighted[partition] = {
-            name: weights[partition] * value.astype(np.float64) for name, value in update.items()
-        }
+    # The nodes trained with their share of the cores; float sums depend on the thread count
+    threads = torch.get_num_threads()
+    torch.set_num_threads(node_threads(NODES))
+    try:
+        for partition, context in node_contexts(range(NODES), config).items():
+            message = instruction(partition)
+            message.content = content
+            update, metrics = local_update(message, context, cfg)
+            assert update is not None
+            weights[partition] = min(int(metrics[WEIGHT_KEY]), cfg.max_num_examples)
+            weighted[partition] = {
+                name: weights[partition] * value.astype(np.float64)
+                for name, value in update.items()
+            }
+    finally:
+        torch.set_num_threads(threads)
     bound = quantization_error_bound(NODES, cfg.max_num_examples, cfg.secagg_clip_norm)
     return Round1(start, weighted, weights, bound)
 

@@ -121,6 +121,11 @@ def _format_value(key: str, value: ConfigValue) -> str:
     raise ValueError(f"node config {key}: a string cannot hold both ' and \" for Flower")
 
 
+def node_threads(num_nodes: int) -> int:
+    """Cores each of `num_nodes` local SuperNodes may use for torch/OpenMP."""
+    return max(1, (os.cpu_count() or 1) // num_nodes)
+
+
 class LocalDeployment:
     """Start, watch and stop a SuperLink and N SuperNodes on 127.0.0.1.
 
@@ -573,7 +578,7 @@ class LocalDeployment:
         oversubscribe the CPU (as Ray avoids in simulation by giving an actor 1 CPU).
         """
         env = self._process_env(flwr_home)
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(self.nodes))))
+        env.setdefault("OMP_NUM_THREADS", str(node_threads(len(self.nodes))))
         return env
 
     def _node_process(self, index: int) -> ManagedProcess:
